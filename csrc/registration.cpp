@@ -1,0 +1,31 @@
+// Every schema of the op library on one screen. Implementations: csrc/cpu/*.cpp (CPU), csrc/cuda/* (CUDA).
+// These are "row kernels" over a 2-D view [N, V_shard] of the logits (row stride arbitrary, column stride 1).
+// Results are shard-local (log-sum-exp over this rank's vocabulary shard, vocab ids offset by vocab_start);
+// with one shard they are the final values. The Python layer (opd_kernels/ops/*) combines shards with
+// all-reduces of per-row scalars, wraps everything in torch.library custom ops and autograd.
+#include <torch/library.h>
+
+TORCH_LIBRARY(opd_C, m) {
+  // log p(token | logits * inv_temperature) per row (+ entropy), and the row log-sum-exp saved for backward.
+  // Rows with token == ignore_index, or whose token lies outside [vocab_start, vocab_start + V), give logp 0.
+  m.def("logprob_fwd(Tensor logits, Tensor tokens, float inv_temperature, int vocab_start, int ignore_index,"
+        " bool with_entropy) -> (Tensor logp, Tensor entropy, Tensor lse)");
+  // d/dlogits of sum(grad_logp * logp + grad_entropy * entropy), from the GLOBAL lse / entropy.
+  m.def("logprob_bwd(Tensor logits, Tensor tokens, Tensor grad_logp, Tensor? grad_entropy, Tensor lse,"
+        " Tensor entropy, float inv_temperature, int vocab_start, int ignore_index) -> Tensor");
+  // Exact KL(p_S || p_T) per row in one pass over both rows, both log-sum-exps, and (when tokens is given)
+  // the student log-prob of the sampled token.
+  m.def("kl_fwd(Tensor student, Tensor teacher, Tensor? tokens, float inv_temperature, int vocab_start,"
+        " int ignore_index) -> (Tensor kl, Tensor lse_s, Tensor lse_t, Tensor logp_s)");
+  // d KL / d student logits = grad_kl * p_S * (log p_S - log p_T - KL) * inv_temperature (GLOBAL scalars).
+  m.def("kl_bwd(Tensor student, Tensor teacher, Tensor grad_kl, Tensor lse_s, Tensor lse_t, Tensor kl,"
+        " float inv_temperature) -> Tensor");
+}
+
+// An empty Python module, so that `import opd_kernels._C` loads this library (and runs the registrations
+// above) wherever the installer put it.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets everything up (tools/install.sh) and runs the test suite. This is what CI (.ci/run) runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install.sh
+. .venv/bin/activate
+export RAY_AUTH_MODE=disabled
+python -m pytest -q -x --timeout=900 "$@"
