@@ -1,0 +1,11 @@
+"""Triton implementations of the opd row kernels (the contract of ``torch.ops.opd_C.*`` in csrc/registration.cpp).
+
+``from opd_kernels import triton as tk; tk.logprob_fwd(...)``: same names, argument order and semantics as the
+C++/CUDA schemas, on CUDA tensors (or on CPU tensors when TRITON_INTERPRET=1 was set before this package was
+imported: Triton decides at kernel-definition time).
+"""
+from ._common import interpreting
+from .kl import kl_bwd, kl_fwd
+from .logprob import logprob_bwd, logprob_fwd
+
+__all__ = ["interpreting", "kl_bwd", "kl_fwd", "logprob_bwd", "logprob_fwd"]

@@ -1,0 +1,201 @@
+"""Triton row kernels: exact KL(p_S || p_T) per row in one pass over both logit rows, and its backward.
+
+Design note (Hopper, memory-bound; numerics in _common.py):
+- Forward: grid (N,) (or (N, S) + a combine kernel when rows are few, as in logprob.py). Each program streams its
+  student AND teacher rows together in BLOCK_V-column blocks, keeping both online-softmax states (ms, ds),
+  (mt, dt) and the KL accumulator a (5 fp32 scalars) in registers: one read of each row, 2 exp2 per column
+  pair, 3 block reductions per iteration (student max and teacher max share one step). Bytes moved:
+  N*V*(elt_s + elt_t) + 16 B per row, i.e. the KL costs the same as reading both logit matrices once.
+  The sampled token's student log-prob (when tokens is given) is one extra scalar load.
+- Backward: elementwise from the GLOBAL (lse_s, lse_t, kl): grid (N, ceil(V / BLOCK_V)), reads both rows once,
+  writes grad_xs once; no loop, no reduction.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (LN2, LOG2E, block_config, check_device, check_rows, check_same_rows, check_vocab, device_ctx,
+                      rescale, row_vector, safe_max, scale_of, split_block, split_config, token_logit)
+
+
+@triton.jit
+def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online state over columns [lo, hi) of one student/teacher row pair, log2 units:
+    ms, ds = max / sum 2^(ys - ms); mt, dt likewise; a = sum 2^(ys - ms) ((ys - ms) - (yt - mt))."""
+    ms = tl.full((), float("-inf"), tl.float32)
+    mt = tl.full((), float("-inf"), tl.float32)
+    ds = tl.zeros((), tl.float32)
+    dt = tl.zeros((), tl.float32)
+    a = tl.zeros((), tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = cols < hi
+        ys = tl.load(s_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+        yt = tl.load(t_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+        ys = ys * SCALE
+        yt = yt * SCALE
+        ms_new = tl.maximum(ms, tl.max(ys, 0))
+        mt_new = tl.maximum(mt, tl.max(yt, 0))
+        ref_s = safe_max(ms_new)
+        ref_t = safe_max(mt_new)
+        alpha_s = rescale(ms, ms_new)
+        es = tl.exp2(ys - ref_s)
+        et = tl.exp2(yt - ref_t)
+        # a's terms are relative to (ms, mt); moving the references shifts each term by the same amount.
+        shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
+        a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) \
+            + tl.sum(tl.where(es > 0, es * ((ys - ref_s) - (yt - ref_t)), 0.0), 0)
+        ds = ds * alpha_s + tl.sum(es, 0)
+        dt = dt * rescale(mt, mt_new) + tl.sum(et, 0)
+        ms = ms_new
+        mt = mt_new
+    return ms, ds, mt, dt, a
+
+
+@triton.jit
+def _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
+               ignore_index, SCALE: tl.constexpr, HAS_TOKENS: tl.constexpr):
+    # log2(dt / ds) rather than log2 dt - log2 ds: one rounding instead of two O(log V) ones (near-equal rows).
+    tl.store(kl_ptr + row, (a / ds + tl.log2(dt / ds)) * LN2)
+    lse2_s = ms + tl.log2(ds)
+    tl.store(lses_ptr + row, lse2_s * LN2)
+    tl.store(lset_ptr + row, (mt + tl.log2(dt)) * LN2)
+    if HAS_TOKENS:
+        in_shard, valid, x_tok = token_logit(s_row, tok_ptr, row, V, vocab_start, ignore_index)
+        tl.store(logp_ptr + row, tl.where(in_shard, (x_tok * SCALE - lse2_s) * LN2, 0.0))
+
+
+@triton.jit
+def _kl_fwd_kernel(s_ptr, t_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, part_ptr,
+                   V, s_stride_r, t_stride_r, vocab_start, ignore_index,
+                   chunk, SCALE: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride_r
+    t_row = t_ptr + row * t_stride_r
+    if SPLIT:
+        s = tl.program_id(1)
+        lo = s * chunk
+        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, lo, tl.minimum(lo + chunk, V), SCALE, BLOCK_V)
+        part = part_ptr + (row * tl.num_programs(1) + s) * 5
+        tl.store(part, ms)
+        tl.store(part + 1, ds)
+        tl.store(part + 2, mt)
+        tl.store(part + 3, dt)
+        tl.store(part + 4, a)
+    else:
+        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, 0, V, SCALE, BLOCK_V)
+        _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
+                   ignore_index, SCALE, HAS_TOKENS)
+
+
+@triton.jit
+def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, part_ptr, n_split,
+                       V, s_stride_r, vocab_start, ignore_index,
+                       SCALE: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, SPLIT_BLOCK)
+    part = part_ptr + (row * n_split + offs) * 5
+    ok = offs < n_split
+    ms_i = tl.load(part, mask=ok, other=float("-inf"))
+    ds_i = tl.load(part + 1, mask=ok, other=0.0)
+    mt_i = tl.load(part + 2, mask=ok, other=float("-inf"))
+    dt_i = tl.load(part + 3, mask=ok, other=0.0)
+    a_i = tl.load(part + 4, mask=ok, other=0.0)
+    ms = tl.max(ms_i, 0)
+    mt = tl.max(mt_i, 0)
+    sc_s = rescale(ms_i, ms)
+    ds = tl.sum(sc_s * ds_i, 0)
+    dt = tl.sum(rescale(mt_i, mt) * dt_i, 0)
+    shift = (safe_max(ms_i) - safe_max(ms)) - (safe_max(mt_i) - safe_max(mt))
+    a = tl.sum(tl.where(sc_s > 0, sc_s * (a_i + shift * ds_i), 0.0), 0)
+    s_row = s_ptr + row * s_stride_r
+    _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
+               ignore_index, SCALE, HAS_TOKENS)
+
+
+@triton.jit
+def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
+                   V, s_stride_r, t_stride_r,
+                   SCALE: tl.constexpr, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """grad_xs = inv_t * g * p_s * (log p_s - log p_t - KL)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < V
+    s_row = s_ptr + row * s_stride_r
+    t_row = t_ptr + row * t_stride_r
+    lse2_s = tl.load(lses_ptr + row).to(tl.float32) * LOG2E
+    lse2_t = tl.load(lset_ptr + row).to(tl.float32) * LOG2E
+    g = tl.load(gkl_ptr + row).to(tl.float32)
+    kl = tl.load(kl_ptr + row).to(tl.float32)
+    lps2 = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * SCALE - lse2_s
+    lpt2 = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * SCALE - lse2_t
+    p = tl.exp2(lps2)
+    grad = tl.where(p > 0, p * ((lps2 - lpt2) * LN2 - kl), 0.0) * (g * INV_T)
+    tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
+    check_device(xs)
+    check_same_rows(xs, xt)
+    N, V, ssr = check_rows(xs, "student logits")
+    _, _, tsr = check_rows(xt, "teacher logits")
+    check_vocab(N, V, "student logits")
+    has_tok = tokens is not None
+    tokens = row_vector(tokens, N, xs.device, "tokens", integer=True)
+    scale = scale_of(inv_t)
+    f32 = dict(device=xs.device, dtype=torch.float32)
+    kl, lse_s, lse_t = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
+    logp = torch.empty(N if has_tok else 0, **f32)
+    if N == 0:
+        return kl, lse_s, lse_t, logp
+    block_v, warps = block_config(xs if xs.element_size() >= xt.element_size() else xt)
+    n_split, chunk = split_config(xs, N, V, block_v, split)
+    tok_arg, logp_arg = (tokens, logp) if has_tok else (lse_s, kl)  # dummies: never read when HAS_TOKENS=False
+    common = dict(V=V, s_stride_r=ssr, vocab_start=int(vocab_start),
+                  ignore_index=int(ignore_index), SCALE=scale, HAS_TOKENS=has_tok)
+    with device_ctx(xs):
+        if n_split == 1:
+            _kl_fwd_kernel[(N, 1)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, kl, t_stride_r=tsr,
+                                   chunk=chunk, SPLIT=False, BLOCK_V=block_v, num_warps=warps, **common)
+        else:
+            part = torch.empty(N, n_split, 5, **f32)
+            _kl_fwd_kernel[(N, n_split)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, part, t_stride_r=tsr,
+                                         chunk=chunk, SPLIT=True, BLOCK_V=block_v, num_warps=warps, **common)
+            _kl_combine_kernel[(N,)](xs, tok_arg, kl, lse_s, lse_t, logp_arg, part, n_split,
+                                     SPLIT_BLOCK=split_block(n_split), num_warps=1, **common)
+    return kl, lse_s, lse_t, logp
+
+
+def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None, inv_temperature: float,
+           vocab_start: int, ignore_index: int):
+    """Shard-local (kl, lse_s, lse_t, logp_s), fp32 [N]; logp_s is an empty [0] tensor when tokens is None.
+
+    student, teacher: [N, V] views of the same shape, unit vocabulary stride, any float dtypes
+    (they may differ). kl = sum_v p_s (log p_s - log p_t) over the shard, p = softmax(x * inv_t) of the shard.
+    """
+    return _fwd(student, teacher, tokens, inv_temperature, vocab_start, ignore_index)
+
+
+def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, lse_s: torch.Tensor,
+           lse_t: torch.Tensor, kl: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """grad w.r.t. the student logits (dtype and shape of student, contiguous) from the GLOBAL fp32 [N] scalars."""
+    check_device(student)
+    check_same_rows(student, teacher)
+    N, V, ssr = check_rows(student, "student logits")
+    _, _, tsr = check_rows(teacher, "teacher logits")
+    check_vocab(N, V, "student logits")
+    dev = student.device
+    grad_kl, lse_s, lse_t, kl = (row_vector(t, N, dev, n) for t, n in
+                                 ((grad_kl, "grad_kl"), (lse_s, "lse_s"), (lse_t, "lse_t"), (kl, "kl")))
+    out = torch.empty(student.shape, device=dev, dtype=student.dtype)
+    if out.numel() == 0:
+        return out
+    block_v, warps = block_config(student if student.element_size() >= teacher.element_size() else teacher)
+    with device_ctx(student):
+        _kl_bwd_kernel[(N, triton.cdiv(V, block_v))](
+            student, teacher, grad_kl, lse_s, lse_t, kl, out, V, ssr, tsr,
+            SCALE=scale_of(inv_temperature), INV_T=float(inv_temperature), BLOCK_V=block_v, num_warps=warps)
+    return out

@@ -1,0 +1,194 @@
+"""Triton row kernels: log p(token | x / T) (+ entropy) per row, and the backward from the saved log-sum-exp.
+
+Design note (Hopper, memory-bound; see _common.py for the numerics):
+- Forward, many rows (N >= 4 programs per SM): grid (N,), one program streams its row once in BLOCK_V-column
+  blocks (8 KiB each, 128-bit loads, evict-first since nothing re-reads the logits), keeping a scalar online
+  softmax state (m, d[, b]) in registers: bytes moved = N*V*elt (+16 B per row). The sampled token's logit is
+  one extra scalar load. At T=8192, V=151936 bf16 that is 2.49 GB: the kernel should run at copy bandwidth.
+- Forward, few rows: grid (N, S); program (r, s) streams columns [s*chunk, (s+1)*chunk) of row r and writes
+  its state (m, d, b) to a [N, S, 3] fp32 workspace; a combine kernel (grid (N,)) merges the S states and
+  finishes the row. Two launches, but every SM streams even when N is 1.
+- Backward: purely elementwise once the global lse (and entropy) are known, so grid (N, ceil(V / BLOCK_V)):
+  no loop, no reduction, one read of x and one write of grad_x (2 * N*V*elt bytes).
+Temperature is a compile-time constant (SCALE = inv_t * log2 e), offsets are int64, the vocabulary tail is masked
+(loaded as -inf, so it adds exactly 0 to every sum).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (LN2, LOG2E, block_config, check_device, check_rows, check_vocab, device_ctx, rescale,
+                      row_vector, safe_max, scale_of, split_block, split_config, token_logit)
+
+
+@triton.jit
+def _logprob_stats(x_row, lo, hi, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online softmax over columns [lo, hi) of one row: (m, d, b) in log2 units (b = 0 unless WITH_ENTROPY)."""
+    m = tl.full((), float("-inf"), tl.float32)
+    d = tl.zeros((), tl.float32)
+    b = tl.zeros((), tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        y = tl.load(x_row + cols, mask=cols < hi, other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32) * SCALE
+        m_new = tl.maximum(m, tl.max(y, 0))
+        ref = safe_max(m_new)
+        alpha = rescale(m, m_new)
+        e = tl.exp2(y - ref)
+        if WITH_ENTROPY:
+            # b is relative to the running max: moving the max by (m - ref) shifts every term by that much.
+            b = alpha * (b + tl.where(alpha > 0, (safe_max(m) - ref) * d, 0.0)) \
+                + tl.sum(tl.where(e > 0, e * (y - ref), 0.0), 0)
+        d = d * alpha + tl.sum(e, 0)
+        m = m_new
+    return m, d, b
+
+
+@triton.jit
+def _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
+                    SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    lse2 = m + tl.log2(d)
+    tl.store(lse_ptr + row, lse2 * LN2)
+    in_shard, valid, x_tok = token_logit(x_row, tok_ptr, row, V, vocab_start, ignore_index)
+    tl.store(logp_ptr + row, tl.where(in_shard, (x_tok * SCALE - lse2) * LN2, 0.0))
+    if WITH_ENTROPY:
+        ent = (tl.log2(d) - b / d) * LN2
+        tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+
+
+@triton.jit
+def _logprob_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr,
+                        V, stride_r, vocab_start, ignore_index, chunk,
+                        SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_r
+    if SPLIT:
+        s = tl.program_id(1)
+        lo = s * chunk
+        m, d, b = _logprob_stats(x_row, lo, tl.minimum(lo + chunk, V), SCALE, WITH_ENTROPY, BLOCK_V)
+        part = part_ptr + (row * tl.num_programs(1) + s) * 3
+        tl.store(part, m)
+        tl.store(part + 1, d)
+        tl.store(part + 2, b)
+    else:
+        m, d, b = _logprob_stats(x_row, 0, V, SCALE, WITH_ENTROPY, BLOCK_V)
+        _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
+                        SCALE, WITH_ENTROPY)
+
+
+@triton.jit
+def _logprob_combine_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr, n_split,
+                            V, stride_r, vocab_start, ignore_index,
+                            SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Merges the n_split partial states of one row (same algebra as one online-softmax step) and finishes it."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, SPLIT_BLOCK)
+    part = part_ptr + (row * n_split + offs) * 3
+    ok = offs < n_split
+    m_i = tl.load(part, mask=ok, other=float("-inf"))
+    d_i = tl.load(part + 1, mask=ok, other=0.0)
+    b_i = tl.load(part + 2, mask=ok, other=0.0)
+    m = tl.max(m_i, 0)
+    scale = rescale(m_i, m)
+    d = tl.sum(scale * d_i, 0)
+    b = tl.sum(tl.where(scale > 0, scale * (b_i + (m_i - safe_max(m)) * d_i), 0.0), 0)
+    x_row = x_ptr + row * stride_r
+    _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
+                    SCALE, WITH_ENTROPY)
+
+
+@triton.jit
+def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, out_ptr,
+                        V, stride_r, vocab_start, ignore_index,
+                        SCALE: tl.constexpr, INV_T: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+    """grad_x = inv_t * (g * (onehot - p) - g_H * p * (log p + H)), p = exp(x inv_t - lse); 0 on ignored rows."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok = cols < V
+    x_row = x_ptr + row * stride_r
+    tok = tl.load(tok_ptr + row)
+    valid = tok != ignore_index
+    lse2 = tl.load(lse_ptr + row).to(tl.float32) * LOG2E
+    g = tl.load(glogp_ptr + row).to(tl.float32)
+    y = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * SCALE
+    logp2 = y - lse2
+    p = tl.exp2(logp2)
+    # (onehot - p) in fp32: the target's 1 - p keeps its precision for confident rows.
+    grad = g * (tl.where(cols == tok - vocab_start, 1.0, 0.0) - p)
+    if HAS_ENTROPY:
+        g_h = tl.load(gent_ptr + row).to(tl.float32)
+        ent = tl.load(ent_ptr + row).to(tl.float32)
+        grad -= g_h * tl.where(p > 0, p * (logp2 * LN2 + ent), 0.0)
+    grad = tl.where(valid, grad * INV_T, 0.0)
+    tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _fwd(x, tokens, inv_t, vocab_start, ignore_index, with_entropy, split=None):
+    check_device(x)
+    N, V, sr = check_rows(x, "logits")
+    check_vocab(N, V, "logits")
+    tokens = row_vector(tokens, N, x.device, "tokens", integer=True)
+    scale = scale_of(inv_t)
+    logp = torch.empty(N, device=x.device, dtype=torch.float32)
+    lse = torch.empty(N, device=x.device, dtype=torch.float32)
+    ent = torch.empty(N if with_entropy else 0, device=x.device, dtype=torch.float32)
+    if N == 0:
+        return logp, ent, lse
+    block_v, warps = block_config(x)
+    n_split, chunk = split_config(x, N, V, block_v, split)
+    common = dict(V=V, stride_r=sr, vocab_start=int(vocab_start),
+                  ignore_index=int(ignore_index), SCALE=scale, WITH_ENTROPY=bool(with_entropy))
+    ent_arg = ent if with_entropy else logp  # never touched when WITH_ENTROPY is False
+    with device_ctx(x):
+        if n_split == 1:
+            _logprob_fwd_kernel[(N, 1)](x, tokens, logp, ent_arg, lse, lse, chunk=chunk, SPLIT=False,
+                                        BLOCK_V=block_v, num_warps=warps, **common)
+        else:
+            part = torch.empty(N, n_split, 3, device=x.device, dtype=torch.float32)
+            _logprob_fwd_kernel[(N, n_split)](x, tokens, logp, ent_arg, lse, part, chunk=chunk, SPLIT=True,
+                                              BLOCK_V=block_v, num_warps=warps, **common)
+            _logprob_combine_kernel[(N,)](x, tokens, logp, ent_arg, lse, part, n_split,
+                                          SPLIT_BLOCK=split_block(n_split), num_warps=1, **common)
+    return logp, ent, lse
+
+
+def logprob_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: float, vocab_start: int,
+                ignore_index: int, with_entropy: bool):
+    """Shard-local (logp, entropy, lse), each fp32 [N]; entropy is an empty [0] tensor unless with_entropy.
+
+    logits [N, V] fp32/bf16/fp16, unit vocabulary stride; tokens [N] int64 global ids.
+    lse = logsumexp(x * inv_t) over the shard (also on ignored rows); logp = x[tok - vocab_start] * inv_t - lse
+    when the shard owns the token and tok != ignore_index, else 0; entropy of the shard softmax (0 on ignored rows).
+    """
+    return _fwd(logits, tokens, inv_temperature, vocab_start, ignore_index, with_entropy)
+
+
+def logprob_bwd(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Tensor,
+                grad_entropy: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor,
+                inv_temperature: float, vocab_start: int, ignore_index: int) -> torch.Tensor:
+    """grad_x (dtype and shape of logits, contiguous) of sum(grad_logp * logp + grad_entropy * entropy), from the
+    GLOBAL lse / entropy (fp32 [N]); entropy may be an empty tensor when grad_entropy is None."""
+    check_device(logits)
+    N, V, sr = check_rows(logits, "logits")
+    check_vocab(N, V, "logits")
+    dev = logits.device
+    tokens = row_vector(tokens, N, dev, "tokens", integer=True)
+    grad_logp = row_vector(grad_logp, N, dev, "grad_logp")
+    lse = row_vector(lse, N, dev, "lse")
+    has_ent = grad_entropy is not None
+    grad_entropy = row_vector(grad_entropy, N, dev, "grad_entropy")
+    entropy = row_vector(entropy, N, dev, "entropy") if has_ent else lse
+    out = torch.empty(logits.shape, device=dev, dtype=logits.dtype)
+    if out.numel() == 0:
+        return out
+    block_v, warps = block_config(logits)
+    with device_ctx(logits):
+        _logprob_bwd_kernel[(N, triton.cdiv(V, block_v))](
+            logits, tokens, grad_logp, grad_entropy if has_ent else lse, lse, entropy, out,
+            V, sr, int(vocab_start), int(ignore_index), SCALE=scale_of(inv_temperature),
+            INV_T=float(inv_temperature), HAS_ENTROPY=has_ent, BLOCK_V=block_v, num_warps=warps)
+    return out
