@@ -1,8 +1,11 @@
-"""Which kernel implementation runs, per device type.
+"""Which row-kernel implementation runs, per device type.
 
-Backends: ``torch`` (the PyTorch reference, always available), ``cpp`` (C++ CPU kernels in ``_C.so``),
-``cuda`` (CUDA kernels in ``_C.so`` when torch has CUDA), ``triton`` (Triton kernels; on CPU tensors only under
+Backends (the row-kernel contract is documented in ``opd_kernels/ops/README.md``):
+``torch`` (plain PyTorch, row-chunked, always available), ``cpp`` (C++ CPU kernels in ``_C.so``), ``cuda`` (CUDA
+kernels in ``_C.so`` when torch has CUDA), ``triton`` (``opd_kernels.triton``; on CPU tensors only under
 ``TRITON_INTERPRET=1``). ``auto`` picks, for CPU tensors: cpp > torch; for CUDA tensors: cuda > triton > torch.
+A compiled backend counts as available only when the dispatcher really has its kernels (a library built
+without CPU sources, or a CUDA build of torch with CPU-only kernels, falls through to the next one).
 
 Override with the environment variable ``OPD_KERNELS_BACKEND=auto|torch|cpp|triton|cuda`` (read at every call,
 so tests may set it), or the :func:`use_backend` context manager, which wins over the variable. Asking for a
@@ -11,12 +14,21 @@ backend that is not available raises a RuntimeError that says why it is unavaila
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
 import threading
+from types import SimpleNamespace
 
 import torch
 
+from ._epilogue import compose_missing
+
 BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+# Every backend implements the four core row kernels; the fused OPD epilogues are optional (composed from the
+# core kernels plus a few [N]-sized torch ops when a backend lacks them).
+CORE_KERNELS = ("logprob_fwd", "logprob_bwd", "kl_fwd", "kl_bwd")
+EPILOGUE_KERNELS = ("opd_sampled_fwd", "opd_full_fwd")
 _ENV = "OPD_KERNELS_BACKEND"
 _local = threading.local()
 _unavailable: dict[str, str] = {}
@@ -36,13 +48,27 @@ def _load_library() -> bool:
 _HAVE_LIB = _load_library()
 
 
-def _cuda_compiled() -> bool:
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"opd_C::{op}", dispatch_key)
+    except RuntimeError:  # the schema itself is missing (an older library)
+        return False
+
+
+@functools.cache
+def _compiled_available(dispatch_key: str) -> bool:
+    name = "cpp" if dispatch_key == "CPU" else "cuda"
     if not _HAVE_LIB:
         return False
-    if torch.version.cuda is None or not torch.cuda.is_available():
-        _unavailable["cuda"] = "torch has no CUDA device here"
+    if dispatch_key == "CUDA" and (torch.version.cuda is None or not torch.cuda.is_available()):
+        _unavailable[name] = "torch has no CUDA device here"
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("opd_C::logprob_fwd", "CUDA")
+    missing = [op for op in CORE_KERNELS if not _has_kernel(op, dispatch_key)]
+    if missing:
+        _unavailable[name] = f"opd_kernels._C has no {dispatch_key} kernels for {missing} (rebuild it with " \
+                             "`pip install --no-build-isolation -e .`)"
+        return False
+    return True
 
 
 def _triton_available() -> bool:
@@ -64,23 +90,20 @@ def available(backend: str, device_type: str) -> bool:
     if backend == "torch":
         return True
     if backend == "cpp":
-        return device_type == "cpu" and _HAVE_LIB
+        return device_type == "cpu" and _compiled_available("CPU")
     if backend == "cuda":
-        return device_type == "cuda" and _cuda_compiled()
+        return device_type == "cuda" and _compiled_available("CUDA")
     if backend == "triton":
         if not _triton_available():
             return False
-        if device_type == "cpu" and not triton_interpret():
-            _unavailable.setdefault("triton-cpu", "Triton runs on CPU tensors only with TRITON_INTERPRET=1")
-            return False
-        return True
+        return device_type == "cuda" or (device_type == "cpu" and triton_interpret())
     raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
 
 
 def why_unavailable(backend: str, device_type: str) -> str:
     if backend == "triton" and device_type == "cpu" and _triton_available():
-        return "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
-    if backend in ("cpp",) and device_type != "cpu":
+        return "Triton runs on CPU tensors only with TRITON_INTERPRET=1 (set before opd_kernels.triton is imported)"
+    if backend == "cpp" and device_type != "cpu":
         return "the cpp backend runs on CPU tensors only"
     if backend == "cuda" and device_type != "cuda":
         return "the cuda backend runs on CUDA tensors only"
@@ -117,3 +140,21 @@ def use_backend(name: str):
         yield
     finally:
         _local.backend = previous
+
+
+@functools.cache
+def _row_kernels(backend: str, device_type: str) -> SimpleNamespace:
+    if backend in ("torch", "triton"):
+        impl = importlib.import_module("opd_kernels._torch_rows" if backend == "torch" else "opd_kernels.triton")
+        table = {name: getattr(impl, name) for name in CORE_KERNELS + EPILOGUE_KERNELS if hasattr(impl, name)}
+    else:
+        key = "CPU" if backend == "cpp" else "CUDA"
+        names = CORE_KERNELS + tuple(n for n in EPILOGUE_KERNELS if _has_kernel(n, key))
+        table = {name: getattr(torch.ops.opd_C, name) for name in names}
+    return SimpleNamespace(name=backend, **compose_missing(table))
+
+
+def kernels(device_type: str) -> SimpleNamespace:
+    """The row kernels (``logprob_fwd``, ``logprob_bwd``, ``kl_fwd``, ``kl_bwd``, ``opd_sampled_fwd``,
+    ``opd_full_fwd``) of the backend that runs on ``device_type`` now, plus its ``name``."""
+    return _row_kernels(resolve(device_type), device_type)

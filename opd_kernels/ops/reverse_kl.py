@@ -1,10 +1,18 @@
 """Exact reverse KL(p_S || p_T) per row, p = softmax(logits / T), fused over the vocabulary.
 
-SKELETON: the public function runs the PyTorch reference until the kernels land (issue 2).
+Math, z = logits / T: KL = sum_v p_S (log p_S - log p_T);
+  d KL / d student_logits = p_S * (log p_S - log p_T - KL) / T     (the teacher gets no gradient).
+Shapes: student/teacher [..., V] (same dtype, any strides) -> fp32 [...].
+Memory: ONE pass over both rows per row (online softmax with rescaling for both); the forward saves the two
+per-row log-sum-exps and KL, and the backward recomputes both softmaxes from the logits. Under tensor
+parallelism only per-row scalars are all-reduced (``_tp.py``). Rows with mask == 0 give 0 and a zero gradient.
 """
 from __future__ import annotations
 
 import torch
+
+from .. import _backend
+from . import _checks, _rows, _tp
 
 
 def reverse_kl_reference(student_logits, teacher_logits, *, temperature: float = 1.0, mask=None):
@@ -19,7 +27,132 @@ def reverse_kl_reference(student_logits, teacher_logits, *, temperature: float =
     return kl
 
 
-def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, process_group=None):
-    if process_group is not None:
-        raise NotImplementedError("tensor-parallel reverse_kl lands with the kernels (issue 2)")
-    return reverse_kl_reference(student_logits, teacher_logits, temperature=temperature, mask=mask).float()
+def pair_plans(student: torch.Tensor, teacher: torch.Tensor):
+    """Row plans of the two inputs in one shared row index space (both copied when their layouts differ)."""
+    ps, pt = _rows.plan_rows(student), _rows.plan_rows(teacher)
+    if _rows.compatible(ps, pt):
+        return ps, pt
+    ps = ps if ps.index_strides is None and ps.rows == ps.numel else _rows.as_copy(ps)
+    pt = pt if pt.index_strides is None and pt.rows == pt.numel else _rows.as_copy(pt)
+    return ps, pt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops: shard-local values (with one shard: the final ones), dispatched to the chosen row backend.
+# ----------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("opd_kernels::kl_fwd", mutates_args=())
+def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None, temperature: float,
+           vocab_start: int, vocab_total: int, ignore_index: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl, lse_s, lse_t, logp_s or [0]) [...] of this shard, in one pass over both rows."""
+    if tokens is not None:
+        _checks.token_values(tokens, vocab_total, ignore_index)
+    ps, pt = pair_plans(student, teacher)
+    if ps.rows == 0:
+        return _kl_fwd_fake(student, teacher, tokens, temperature, vocab_start, vocab_total, ignore_index)
+    rows_tokens = None if tokens is None else _rows.to_rows(tokens, ps, ignore_index)
+    kern = _backend.kernels(student.device.type)
+    kl, lse_s, lse_t, logp = kern.kl_fwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), rows_tokens,
+                                         1.0 / temperature, vocab_start, ignore_index)
+    logp = logp if tokens is None else _rows.from_rows(logp, ps)
+    return _rows.from_rows(kl, ps), _rows.from_rows(lse_s, ps), _rows.from_rows(lse_t, ps), logp
+
+
+@kl_fwd.register_fake
+def _kl_fwd_fake(student, teacher, tokens, temperature, vocab_start, vocab_total, ignore_index):
+    out = student.new_empty(student.shape[:-1], dtype=torch.float32)
+    logp = torch.empty_like(out) if tokens is not None else student.new_empty(0, dtype=torch.float32)
+    return out, torch.empty_like(out), torch.empty_like(out), logp
+
+
+@torch.library.custom_op("opd_kernels::kl_bwd", mutates_args=())
+def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, lse_s: torch.Tensor,
+           lse_t: torch.Tensor, kl: torch.Tensor, temperature: float) -> torch.Tensor:
+    """d/dstudent of sum(grad_kl * KL), from the GLOBAL lse_s, lse_t, KL."""
+    ps, pt = pair_plans(student, teacher)
+    if ps.rows == 0:
+        return _rows.empty_grad(student, ps)
+    f32 = lambda t: _rows.to_rows(t.float(), ps, 0.0)  # noqa: E731  (gap rows: zero upstream gradient)
+    kern = _backend.kernels(student.device.type)
+    grad = kern.kl_bwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), f32(grad_kl), f32(lse_s),
+                       f32(lse_t), f32(kl), 1.0 / temperature)
+    return _rows.grad_from_rows(grad, ps)
+
+
+@kl_bwd.register_fake
+def _kl_bwd_fake(student, teacher, grad_kl, lse_s, lse_t, kl, temperature):
+    return _rows.empty_grad(student, pair_plans(student, teacher)[0])
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, _, temperature, _, _, _ = inputs
+    kl, lse_s, lse_t, logp = output
+    ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(lse_s, lse_t, logp)
+
+
+def _backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t, _grad_logp):
+    student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
+    return kl_bwd(student, teacher, grad_kl, lse_s, lse_t, kl, ctx.temperature), None, None, None, None, None, None
+
+
+kl_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor parallel
+# ----------------------------------------------------------------------------------------------------------
+def sharded_kl(student, teacher, tokens, temperature, ignore_index, group):
+    """Global (kl, lse_s, lse_t, logp_s) from this rank's vocabulary shards (no autograd)."""
+    vocab_start, vocab_total = _tp.shard_range(student, group)
+    kl_r, lse_s_r, lse_t_r, logp_r = kl_fwd(student, teacher, tokens, temperature, vocab_start, vocab_total,
+                                            ignore_index)
+    own = valid = None
+    if tokens is not None:
+        valid = tokens != ignore_index
+        own = _tp.owned(tokens, vocab_start, student.shape[-1], valid)
+    return _tp.combine_kl(kl_r, lse_s_r, lse_t_r, logp_r, own, valid, group)
+
+
+class _ShardedReverseKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, group):
+        kl, lse_s, lse_t, _ = sharded_kl(student, teacher, None, temperature, -100, group)
+        ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
+        ctx.temperature = temperature
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
+        return kl_bwd(student, teacher, grad_kl, lse_s, lse_t, kl, ctx.temperature), None, None, None
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, process_group=None) -> torch.Tensor:
+    """Exact KL(softmax(student / T) || softmax(teacher / T)) per row, one pass over both rows.
+
+    Args:
+        student_logits: [..., V] float32 / bfloat16 / float16, any strides; differentiable.
+        teacher_logits: [..., V], same shape, dtype and device; gets no gradient (detach it: a teacher that
+            requires grad while grad mode is on is refused rather than silently left without a gradient).
+        temperature: > 0.
+        mask: [...] bool (or numbers, 0 = masked out): masked rows give 0 and a zero gradient.
+        process_group: a torch.distributed group over which the vocabulary is sharded (both inputs are this
+            rank's shard), or None.
+
+    Returns:
+        kl [...] float32, differentiable w.r.t. ``student_logits``.
+    """
+    _checks.logits(student_logits, "student_logits")
+    _checks.pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    mask = _checks.mask(mask, student_logits)
+    temperature = _checks.positive_scalar(temperature, "temperature")
+    if teacher_logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError("reverse_kl differentiates w.r.t. the student logits only; pass teacher_logits.detach()")
+    if process_group is None:
+        kl = kl_fwd(student_logits, teacher_logits, None, temperature, 0, student_logits.shape[-1], -100)[0]
+    else:
+        kl = _ShardedReverseKL.apply(student_logits, teacher_logits, temperature, process_group)
+    return kl if mask is None else torch.where(mask, kl, torch.zeros_like(kl))
