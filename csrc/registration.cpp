@@ -20,6 +20,13 @@ TORCH_LIBRARY(opd_C, m) {
   // d KL / d student logits = grad_kl * p_S * (log p_S - log p_T - KL) * inv_temperature (GLOBAL scalars).
   m.def("kl_bwd(Tensor student, Tensor teacher, Tensor grad_kl, Tensor lse_s, Tensor lse_t, Tensor kl,"
         " float inv_temperature) -> Tensor");
+  // Optional fused OPD epilogues (whole vocabulary, vocab_start = 0): one launch for opd_advantages. Rows with
+  // mask == false give kl = 0, logp = 0, advantages_out = advantages. kl_kind 1/2/3 = k1/k2/k3 of
+  // d = logp - teacher_logp; opd_full_fwd uses the exact full-vocabulary KL. See opd_kernels/ops/README.md.
+  m.def("opd_sampled_fwd(Tensor logits, Tensor tokens, Tensor advantages, Tensor teacher_logp, Tensor? mask,"
+        " float coef, float inv_temperature, int kl_kind) -> (Tensor advantages_out, Tensor kl, Tensor logp)");
+  m.def("opd_full_fwd(Tensor student, Tensor teacher, Tensor tokens, Tensor advantages, Tensor? mask,"
+        " float coef, float inv_temperature) -> (Tensor advantages_out, Tensor kl, Tensor logp)");
 }
 
 // An empty Python module, so that `import opd_kernels._C` loads this library (and runs the registrations
