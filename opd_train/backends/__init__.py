@@ -1,0 +1,1 @@
+"""Trainer backends (each holds all imports of its framework)."""

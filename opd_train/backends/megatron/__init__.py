@@ -1,0 +1,1 @@
+"""Megatron-core trainer backend (work in progress; API documented when complete)."""
