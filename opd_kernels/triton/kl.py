@@ -32,10 +32,10 @@ def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         ok = cols < hi
-        ys = tl.load(s_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-        yt = tl.load(t_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-        ys = ys * SCALE
-        yt = yt * SCALE
+        xs = tl.load(s_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+        xt = tl.load(t_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
+        ys = xs * SCALE
+        yt = xt * SCALE
         ms_new = tl.maximum(ms, tl.max(ys, 0))
         mt_new = tl.maximum(mt, tl.max(yt, 0))
         ref_s = safe_max(ms_new)
@@ -45,8 +45,9 @@ def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
         et = tl.exp2(yt - ref_t)
         # a's terms are relative to (ms, mt); moving the references shifts each term by the same amount.
         shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
-        a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) \
-            + tl.sum(tl.where(es > 0, es * ((ys - ref_s) - (yt - ref_t)), 0.0), 0)
+        # (xs - xt) first: exact for near-identical rows (Sterbenz), so tiny KLs keep their relative precision.
+        term = (xs - xt) * SCALE - (ref_s - ref_t)
+        a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) + tl.sum(tl.where(es > 0, es * term, 0.0), 0)
         ds = ds * alpha_s + tl.sum(es, 0)
         dt = dt * rescale(mt, mt_new) + tl.sum(et, 0)
         ms = ms_new
@@ -126,14 +127,16 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     ok = cols < V
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
-    lse2_s = tl.load(lses_ptr + row).to(tl.float32) * LOG2E
-    lse2_t = tl.load(lset_ptr + row).to(tl.float32) * LOG2E
+    lse_s = tl.load(lses_ptr + row).to(tl.float32)
+    lse_t = tl.load(lset_ptr + row).to(tl.float32)
     g = tl.load(gkl_ptr + row).to(tl.float32)
     kl = tl.load(kl_ptr + row).to(tl.float32)
-    lps2 = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * SCALE - lse2_s
-    lpt2 = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * SCALE - lse2_t
-    p = tl.exp2(lps2)
-    grad = tl.where(p > 0, p * ((lps2 - lpt2) * LN2 - kl), 0.0) * (g * INV_T)
+    xs = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    xt = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    p = tl.exp2(xs * SCALE - lse_s * LOG2E)
+    # log p_s - log p_t from the differences (exact for near-identical rows), not from two O(lse) log-probs.
+    diff = (xs - xt) * INV_T - (lse_s - lse_t)
+    grad = tl.where(p > 0, p * (diff - kl), 0.0) * (g * INV_T)
     tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
 
 
