@@ -228,6 +228,6 @@ def test_value_loss_clipped_hand_computed():
     # token 0 takes the clipped branch (V outside old +- 0.2): no gradient; token 1: (V - G) / 2
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, -0.5, 0.0]], dtype=F64))
     plain, _ = value_loss(values, old, returns, mask, value_clip=None, reduction="token_mean")
-    assert math.isclose(float(plain), (0.5 * 1 + 0.5 * 1) / 2, rel_tol=1e-12)
+    assert math.isclose(plain.item(), (0.5 * 1 + 0.5 * 1) / 2, rel_tol=1e-12)
     with pytest.raises(ValueError, match="value_clip must be finite and > 0"):
         value_loss(values, old, returns, mask, value_clip=0.0)
