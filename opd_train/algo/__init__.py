@@ -9,11 +9,10 @@ Pure PyTorch plus ``opd_kernels`` (no Megatron, no Ray), usable with any trainer
 
 The math of each step is in the docstring of its module (SPEC §1).
 """
-from .advantages import ESTIMATORS, WHITENING_REQUIRED, compute_advantages, group_mean_std, discounted_gae
+from .advantages import ESTIMATORS, WHITENING_REQUIRED, compute_advantages, discounted_gae, group_mean_std
 from .align import response_logprobs_from_sglang, response_topk_from_sglang
 from .loss import REDUCTIONS, loss_normalizer, policy_loss, reduce_tokens, value_loss
-from .opd import (KL_ESTIMATORS, apply_opd, apply_opd_kl, kl_estimate, topk_reverse_kl,
-                  topk_to_dense_logprobs)
+from .opd import KL_ESTIMATORS, apply_opd, apply_opd_kl, kl_estimate, topk_reverse_kl, topk_to_dense_logprobs
 from .whiten import masked_mean, masked_moments, whiten
 
 __all__ = [

@@ -89,7 +89,8 @@ def apply_opd(advantages: torch.Tensor, student_logprobs: torch.Tensor, teacher_
     """
     coef = check_coef("coef", coef)
     if kl not in KL_ESTIMATORS:
-        kl_estimate(advantages, advantages, kl)  # raises the estimator error with the list of choices
+        raise ValueError(f"unknown KL estimator {kl!r}; choose one of {', '.join(KL_ESTIMATORS)} (for the exact "
+                         "full-vocabulary KL use apply_opd_kl with opd_kernels.reverse_kl)")
     check_same_shape("advantages", advantages, student_logprobs=student_logprobs,
                      teacher_logprobs=teacher_logprobs, response_mask=response_mask)
     mask = _mask_or_ones(response_mask, advantages)

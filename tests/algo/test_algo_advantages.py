@@ -96,8 +96,8 @@ def _gae_plain(rewards, values, kl, mask, gamma, lam, kl_coef):
         v = [values[i][j] for j in steps] + [0.0]
         n = len(steps)
         for k, j in enumerate(steps):
-            # SPEC: A_t = sum_l (gamma*lam)^l delta_{t+l}, delta_t = r_t + gamma V_{t+1} - V_t
-            a = sum((gamma * lam) ** (l - k) * (r[l] + gamma * v[l + 1] - v[l]) for l in range(k, n))
+            # SPEC: A_t = sum_s (gamma*lam)^(s-t) delta_s, delta_s = r_s + gamma V_{s+1} - V_s
+            a = sum((gamma * lam) ** (s - k) * (r[s] + gamma * v[s + 1] - v[s]) for s in range(k, n))
             adv[i][j] = a
             ret[i][j] = a + v[k]
     return adv, ret

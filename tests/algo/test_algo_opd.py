@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import opd_kernels
-from opd_train.algo import (ESTIMATORS, apply_opd, apply_opd_kl, compute_advantages, kl_estimate, policy_loss)
+from opd_train.algo import ESTIMATORS, apply_opd, apply_opd_kl, compute_advantages, kl_estimate, policy_loss
 
 F64 = torch.float64
 
