@@ -1,0 +1,206 @@
+"""One shared aiohttp session per process, on its own event-loop thread, with retries and a concurrency limit.
+
+Used by the engine client and the SGLang teacher client. Running the session on a private loop thread means the
+same client works from any caller: plain synchronous code (``post_json_sync``), a Ray async actor, or another
+event loop (``await post_json(...)`` bridges with ``asyncio.wrap_future``), and one session (one connection pool)
+serves them all.
+
+Retry policy (:class:`RetryPolicy`): connection errors (refused, reset, server disconnected), timeouts, HTTP 5xx,
+a body that is not valid JSON, and a response that the caller's ``validate`` rejects (:class:`InvalidResponse`, e.g.
+the wrong number of log-prob entries) are retried with exponential backoff (``backoff * 2**attempt`` capped at
+``backoff_max``, full jitter). HTTP 4xx is not retried: the request itself is wrong. After the last attempt
+:class:`RequestFailed` names the URL, the attempts and the last cause.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+import orjson
+
+
+class InvalidResponse(ValueError):
+    """Raised by a ``validate`` callback: the server answered, but not what was asked (retried)."""
+
+
+class RequestFailed(RuntimeError):
+    """The request failed for good (after retries, or at once on a 4xx)."""
+
+    def __init__(self, message: str, *, url: str, attempts: int, status: int | None = None):
+        super().__init__(message)
+        self.url, self.attempts, self.status = url, attempts, status
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    timeout: float = 60.0          # seconds per attempt (whole request)
+    max_retries: int = 5           # attempts = 1 + max_retries
+    backoff: float = 0.5           # first retry waits up to this long
+    backoff_max: float = 10.0
+
+    def __post_init__(self):
+        if self.timeout <= 0 or self.max_retries < 0 or self.backoff < 0 or self.backoff_max < 0:
+            raise ValueError(f"invalid retry policy {self}: timeout must be > 0, retries/backoffs >= 0")
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.backoff_max, self.backoff * (2 ** attempt)))
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    causes: dict = field(default_factory=dict)
+
+
+class AsyncHTTP:
+    """A process-wide client: ``concurrency`` requests in flight at most, one connection pool."""
+
+    def __init__(self, *, concurrency: int = 64, policy: RetryPolicy | None = None):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+        self.policy = policy or RetryPolicy()
+        self.stats = _Stats()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._pid = None
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or not self._thread.is_alive():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="opd-http", daemon=True)
+                thread.start()
+                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+                self._session = None
+            return self._loop
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
+            self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda x: orjson.dumps(x).decode())
+            self._sem = asyncio.Semaphore(self.concurrency)
+        return self._session
+
+    def _submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
+
+    # ------------------------------------------------------------------------------------------------ API
+    async def post_json(self, url: str, payload: Any, validate: Callable[[Any], Any] | None = None, *,
+                        parse: bool = True) -> Any:
+        """POST ``payload`` as JSON; returns ``validate(body)`` (or the body) after retries. The body is parsed
+        JSON, or the raw bytes with ``parse=False`` (SGLang's /flush_cache answers plain text)."""
+        return await asyncio.wrap_future(self._submit(self._request("POST", url, payload, validate, parse)))
+
+    def post_json_sync(self, url: str, payload: Any, validate: Callable[[Any], Any] | None = None, *,
+                       parse: bool = True) -> Any:
+        return self._submit(self._request("POST", url, payload, validate, parse)).result()
+
+    def get_sync(self, url: str, *, retry: bool = False) -> tuple[int, bytes]:
+        """One GET (no retries unless ``retry``); returns (status, body). Raises RequestFailed on no response."""
+        return self._submit(self._get(url, retry)).result()
+
+    async def get(self, url: str, *, retry: bool = False) -> tuple[int, bytes]:
+        return await asyncio.wrap_future(self._submit(self._get(url, retry)))
+
+    def close(self) -> None:
+        with self._lock:
+            loop, session = self._loop, self._session
+            self._loop, self._session = None, None
+        if loop is None:
+            return
+        if session is not None and self._pid == os.getpid():
+            asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+
+    # ------------------------------------------------------------------------------------------------ internals
+    async def _get(self, url: str, retry: bool) -> tuple[int, bytes]:
+        async def once():
+            session = await self._get_session()
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=self.policy.timeout)) as resp:
+                return resp.status, await resp.read()
+        if not retry:
+            try:
+                return await once()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise RequestFailed(f"GET {url} got no response: {_describe(exc)}", url=url, attempts=1) from exc
+        return await self._with_retries("GET", url, lambda: once(), lambda r: r)
+
+    async def _request(self, method: str, url: str, payload: Any, validate, parse: bool = True) -> Any:
+        data = orjson.dumps(payload)
+
+        async def once():
+            session = await self._get_session()
+            async with self._sem:
+                async with session.request(method, url, data=data, headers={"Content-Type": "application/json"},
+                                           timeout=aiohttp.ClientTimeout(total=self.policy.timeout)) as resp:
+                    return resp.status, await resp.read()
+
+        def check(reply):
+            status, body = reply
+            parsed = _parse(body) if parse else body
+            return validate(parsed) if validate is not None else parsed
+
+        return await self._with_retries(method, url, once, check)
+
+    async def _with_retries(self, method: str, url: str, once, check) -> Any:
+        policy, attempts, last = self.policy, self.policy.max_retries + 1, ""
+        self.stats.requests += 1
+        for attempt in range(attempts):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(policy.delay(attempt - 1))
+            try:
+                status, body = await once()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                last = _describe(exc)
+                self._count(type(exc).__name__)
+                continue
+            if status >= 500:
+                last = f"HTTP {status}: {_snippet(body)}"
+                self._count(f"HTTP {status}")
+                continue
+            if status >= 400:
+                self.stats.failures += 1
+                raise RequestFailed(f"{method} {url} was rejected with HTTP {status}: {_snippet(body)} (not retried:"
+                                    f" the request itself is invalid)", url=url, attempts=attempt + 1, status=status)
+            try:
+                return check((status, body))
+            except InvalidResponse as exc:
+                last = f"invalid response: {exc}"
+                self._count("invalid response")
+        self.stats.failures += 1
+        raise RequestFailed(f"{method} {url} failed after {attempts} attempt(s) (timeout {policy.timeout:g} s each); "
+                            f"last error: {last}. Is the server at {url} up and healthy?", url=url, attempts=attempts)
+
+    def _count(self, cause: str) -> None:
+        self.stats.causes[cause] = self.stats.causes.get(cause, 0) + 1
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidResponse(f"body is not valid JSON ({exc}): {_snippet(body)}") from exc
+
+
+def _snippet(body: bytes, limit: int = 300) -> str:
+    text = body.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,171 @@
+"""`SGLangEngine`: the SGLang native HTTP API as a :class:`RolloutEngine`.
+
+The same class drives a real SGLang server (GPU) and our CPU engine (``opd_train.serving``): they speak the same
+``/generate`` subset, so the driver's rollout code is identical on CPU and GPU. Give it a URL (an existing server)
+or a :class:`~opd_train.rollout.engines.launch.ManagedServer` (it then owns the process and stops it on
+``shutdown``).
+
+Ids are validated before sending when ``vocab_size`` is known (SGLang 0.5.23 dies on negative / oversized ids and
+answers another token's score for ``id == vocab_size``), and every response is checked for the expected number of
+entries (retried as an invalid response, then a clear error naming the URL).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .base import Generation, PromptScores, RolloutEngine, SamplingParams
+from .http import AsyncHTTP, InvalidResponse, RequestFailed, RetryPolicy
+from .launch import ManagedServer
+
+
+def validate_ids(seqs: list[list[int]], vocab_size: int | None, what: str = "input_ids") -> None:
+    """Raise ValueError naming the first bad id (before anything is sent)."""
+    for i, seq in enumerate(seqs):
+        if not seq:
+            raise ValueError(f"{what}[{i}] is empty (SGLang 0.5.23 crashes on an empty item of a batch)")
+        for j, x in enumerate(seq):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0 or (vocab_size is not None and x >= vocab_size):
+                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise ValueError(f"{what}[{i}][{j}] = {x!r} is not a token id in {bound}; real SGLang crashes or "
+                                 f"silently scores another token on such ids")
+
+
+class SGLangEngine(RolloutEngine):
+    def __init__(self, url: str | None = None, *, server: ManagedServer | None = None, vocab_size: int | None = None,
+                 policy: RetryPolicy | None = None, concurrency: int = 64, http: AsyncHTTP | None = None):
+        if (url is None) == (server is None):
+            raise ValueError("give exactly one of url= (an existing server) or server= (a ManagedServer)")
+        self.server = server
+        self.url = (server.url if server is not None else url).rstrip("/")
+        self.vocab_size = vocab_size
+        self.http = http or AsyncHTTP(concurrency=concurrency, policy=policy)
+
+    # ------------------------------------------------------------------------------------------------ generate
+    async def agenerate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[Generation]]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prompts:
+            return []
+        validate_ids(prompts, self.vocab_size)
+        payload = {"input_ids": prompts, "sampling_params": {**params.to_sglang(), "n": n}, "return_logprob": True}
+
+        def check(body: Any) -> list[list[Generation]]:
+            items = _as_list(body, len(prompts) * n)
+            gens = [_generation(prompts[k // n], item, params.max_new_tokens) for k, item in enumerate(items)]
+            return [gens[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+        return await self.http.post_json(f"{self.url}/generate", payload, check)
+
+    # ------------------------------------------------------------------------------------------------ score
+    async def ascore(self, sequences: list[list[int]], *, start: int | list[int] = 0,
+                     top_logprobs_num: int = 0) -> list[PromptScores]:
+        if not sequences:
+            return []
+        validate_ids(sequences, self.vocab_size)
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(sequences)
+        for i, (seq, k) in enumerate(zip(sequences, starts)):
+            if not 0 <= k < len(seq):
+                raise ValueError(f"start[{i}] = {k} must be in [0, {len(seq) - 1}] for a sequence of {len(seq)} ids")
+        payload: dict[str, Any] = {"input_ids": sequences, "sampling_params": {"max_new_tokens": 0,
+                                   "temperature": 1.0}, "return_logprob": True, "logprob_start_len": starts}
+        if top_logprobs_num:
+            payload["top_logprobs_num"] = top_logprobs_num
+
+        def check(body: Any) -> list[PromptScores]:
+            items = _as_list(body, len(sequences))
+            return [_scores(item, len(seq) - k, top_logprobs_num) for item, seq, k in zip(items, sequences, starts)]
+
+        return await self.http.post_json(f"{self.url}/generate", payload, check)
+
+    # ------------------------------------------------------------------------------------------------ control
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
+        payload: dict[str, Any] = {"model_path": model_path}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        try:
+            reply = self.http.post_json_sync(f"{self.url}/update_weights_from_disk", payload)
+        except RequestFailed as exc:
+            raise RuntimeError(f"update_weights_from_disk({model_path!r}) on {self.url} failed: {exc}") from exc
+        if not (isinstance(reply, dict) and reply.get("success")):
+            raise RuntimeError(f"update_weights_from_disk({model_path!r}) on {self.url} failed: {reply!r}")
+
+    def update_weights_from_tensors(self, named_tensors: Mapping[str, torch.Tensor],
+                                    weight_version: str | None = None) -> None:
+        raise NotImplementedError(
+            "tensor weight updates over HTTP need SGLang's in-process serializer (same node, sglang importable); "
+            "this engine syncs through update_weights_from_disk (export HF safetensors to a tmpfs directory)")
+
+    def health(self, *, generate: bool = False) -> bool:
+        try:
+            status, _ = self.http.get_sync(f"{self.url}/health_generate" if generate else f"{self.url}/health")
+        except RequestFailed:
+            return False
+        return status == 200
+
+    def flush_cache(self) -> None:
+        self.http.post_json_sync(f"{self.url}/flush_cache", {}, parse=False)  # SGLang answers plain text
+
+    def pause(self) -> None:
+        self.http.post_json_sync(f"{self.url}/pause_generation", {})
+
+    def resume(self) -> None:
+        self.http.post_json_sync(f"{self.url}/continue_generation", {})
+
+    def server_info(self) -> dict:
+        status, body = self.http.get_sync(f"{self.url}/get_server_info", retry=True)
+        import orjson
+        return orjson.loads(body)
+
+    def shutdown(self) -> None:
+        self.http.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+def _as_list(body: Any, expected: int) -> list[dict]:
+    items = body if isinstance(body, list) else [body]
+    if len(items) != expected or not all(isinstance(x, dict) and "meta_info" in x for x in items):
+        raise InvalidResponse(f"expected {expected} result object(s) with meta_info, got "
+                              f"{len(items) if isinstance(body, list) else type(body).__name__}")
+    return items
+
+
+def _generation(prompt: list[int], item: dict, max_new_tokens: int) -> Generation:
+    meta = item["meta_info"]
+    out = item.get("output_ids")
+    lps = meta.get("output_token_logprobs")
+    if not isinstance(out, list) or not isinstance(lps, list) or len(lps) != len(out) or len(out) > max_new_tokens:
+        raise InvalidResponse(f"output_ids ({_len(out)}) and output_token_logprobs ({_len(lps)}) disagree or exceed "
+                              f"max_new_tokens={max_new_tokens}")
+    values = [e[0] if isinstance(e, list) and e else None for e in lps]
+    if any(v is None for v in values):
+        raise InvalidResponse("null log-prob among output_token_logprobs")
+    reason = (meta.get("finish_reason") or {}).get("type", "abort")
+    rest = {k: v for k, v in meta.items() if not k.endswith("logprobs")}
+    return Generation(prompt_ids=list(prompt), output_ids=list(out), output_logprobs=[float(v) for v in values],
+                      finish_reason=reason, weight_version=str(meta.get("weight_version", "default")), meta=rest)
+
+
+def _scores(item: dict, entries: int, top_k: int) -> PromptScores:
+    meta = item["meta_info"]
+    lps = meta.get("input_token_logprobs")
+    if not isinstance(lps, list) or len(lps) != entries:
+        raise InvalidResponse(f"expected {entries} input_token_logprobs entries, got {_len(lps)}")
+    values = [e[0] if isinstance(e, list) and e else None for e in lps[1:]]
+    if any(v is None or isinstance(v, bool) for v in values):
+        raise InvalidResponse("null log-prob after the first input_token_logprobs entry")
+    scores = PromptScores(logprobs=torch.tensor(values, dtype=torch.float32))
+    if top_k:
+        tops = meta.get("input_top_logprobs")
+        if not isinstance(tops, list) or len(tops) != entries or any(not isinstance(r, list) or len(r) != top_k
+                                                                    for r in tops[1:]):
+            raise InvalidResponse(f"expected {entries} input_top_logprobs rows of {top_k} entries")
+        scores.top_logprobs = torch.tensor([[e[0] for e in r] for r in tops[1:]], dtype=torch.float32)
+        scores.top_ids = torch.tensor([[e[1] for e in r] for r in tops[1:]], dtype=torch.int64)
+    return scores
+
+
+def _len(x: Any) -> str:
+    return str(len(x)) if isinstance(x, list) else type(x).__name__
