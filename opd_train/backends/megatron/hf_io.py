@@ -49,7 +49,7 @@ class HFWeights:
         return self._handles[path].get_tensor(name)
 
 
-def _fsync_tree(root: str) -> None:
+def fsync_tree(root: str) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -124,7 +124,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], hf_config: dict, directory: s
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         copy_tokenizer_files(tokenizer_src, tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         swap_in(tmp, directory)
     finally:
         if os.path.isdir(tmp):
