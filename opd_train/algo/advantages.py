@@ -135,26 +135,48 @@ def _token_rewards(inp: EstimatorInputs) -> torch.Tensor:
     return r
 
 
+def discounted_reverse_cumsum(x: torch.Tensor, c: float, chunk: int = 128) -> torch.Tensor:
+    """``y_t = x_t + c * y_{t+1}`` along the last dim of ``x`` [B, L] (y after the end = 0), for 0 <= c <= 1.
+
+    A Python loop over t costs T launches per op (slow on GPUs for long responses). Here each chunk of ``chunk``
+    steps is one matmul with the [chunk, chunk] matrix ``M[t, s] = c^(s-t)`` (s >= t), and only the carry between
+    chunks, ``y_t += c^(chunk-t) * y_(next chunk start)``, loops: L / chunk iterations. Every power is <= 1 and at
+    most ``chunk`` terms are summed, so nothing overflows (the closed form ``c^-t cumsum(c^t x)`` would).
+    """
+    B, L = x.shape
+    steps = torch.arange(chunk, device=x.device)
+    expo = (steps[None, :] - steps[:, None]).to(x.dtype)                                # [chunk, chunk]: s - t
+    M = torch.where(expo >= 0, torch.full_like(expo, c).pow(expo.clamp_min(0)), torch.zeros_like(expo))
+    xc = torch.nn.functional.pad(x, (0, -L % chunk)).view(B, -1, chunk)                 # [B, n, chunk]
+    local = xc @ M.T                                                                     # [B, n, chunk]
+    decay = torch.full((chunk,), c, dtype=x.dtype, device=x.device).pow((chunk - steps).to(x.dtype))
+    out = torch.empty_like(local)
+    carry = x.new_zeros(B, 1)
+    for j in range(local.shape[1] - 1, -1, -1):
+        out[:, j] = local[:, j] + decay * carry
+        carry = out[:, j, :1]
+    return out.view(B, -1)[:, :L]
+
+
 def discounted_gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
                    lam: float) -> torch.Tensor:
     """GAE over the masked-in tokens of each row (masked-out positions are skipped, see the module docstring).
 
     ``A_t = delta_t + gamma*lam*A_next``, ``delta_t = r_t + gamma*V_next - V_t``, where "next" is the next
     masked-in token (V and A after the last one are 0). With ``values = 0`` and ``lam = 1`` this is the discounted
-    return ``G_t = r_t + gamma*G_next``. One backwards loop over T of [B]-vector ops, as in slime/verl.
+    return ``G_t = r_t + gamma*G_next``. The masked-in tokens of each row are first packed to the left (a stable
+    sort keeps their order), so "next" is simply t+1 and the recursion is one vectorised reverse scan.
     """
-    B, T = mask.shape
-    adv = torch.zeros_like(token_rewards)                                                # [B, T]
-    next_value = token_rewards.new_zeros(B)                                              # [B]
-    next_adv = token_rewards.new_zeros(B)                                                # [B]
-    for t in range(T - 1, -1, -1):
-        m = mask[:, t]
-        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
-        a_t = delta + gamma * lam * next_adv
-        adv[:, t] = torch.where(m, a_t, torch.zeros_like(a_t))
-        next_value = torch.where(m, values[:, t], next_value)
-        next_adv = torch.where(m, a_t, next_adv)
-    return adv
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)                  # [B, T] in-mask first
+    packed_mask = mask.gather(1, order)                                                  # [B, T] prefix masks
+    zero = torch.zeros((), dtype=token_rewards.dtype, device=token_rewards.device)
+    r = torch.where(packed_mask, token_rewards.gather(1, order), zero)
+    v = torch.where(packed_mask, values.gather(1, order), zero)                          # 0 past the end
+    v_next = torch.nn.functional.pad(v[:, 1:], (0, 1))
+    delta = r + gamma * v_next - v                                                       # 0 past the end
+    packed_adv = discounted_reverse_cumsum(delta, gamma * lam)
+    adv = torch.zeros_like(packed_adv).scatter_(1, order, packed_adv)                   # unpack
+    return torch.where(mask, adv, zero)
 
 
 # ------------------------------------------------------------------------------------------------ estimators

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from opd_train.algo import ESTIMATORS, WHITENING_REQUIRED, compute_advantages
+from opd_train.algo.advantages import discounted_reverse_cumsum
 
 F64 = torch.float64
 
@@ -121,6 +122,40 @@ def test_gae_matches_plain_python_loop(gamma, lam, holes):
     exp_adv, exp_ret = _gae_plain(rewards.tolist(), values.tolist(), kl.tolist(), mask.tolist(), gamma, lam, 0.3)
     torch.testing.assert_close(adv, t(exp_adv), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ret, t(exp_ret), rtol=1e-12, atol=1e-12)
+
+
+def test_gae_over_several_scan_chunks_matches_plain_loop():
+    """T = 300 spans three 128-step chunks of the vectorised scan; holes and uneven lengths included."""
+    g = torch.Generator().manual_seed(2)
+    B, T = 3, 300
+    mask = (torch.rand(B, T, generator=g) > 0.2).int()
+    mask[:, 0] = 1
+    mask[1, 150:] = 0
+    rewards, values, kl = (torch.randn(B, generator=g, dtype=F64), torch.randn(B, T, generator=g, dtype=F64),
+                           torch.randn(B, T, generator=g, dtype=F64))
+    adv, ret = compute_advantages("ppo", rewards=rewards, response_mask=mask, values=values, ref_kl=kl,
+                                  gamma=0.995, lam=0.9, kl_coef=0.05)
+    exp_adv, exp_ret = _gae_plain(rewards.tolist(), values.tolist(), kl.tolist(), mask.tolist(), 0.995, 0.9, 0.05)
+    torch.testing.assert_close(adv, t(exp_adv), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ret, t(exp_ret), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 4), (7, 4), (8, 4), (37, 8), (200, 128)])
+@pytest.mark.parametrize("c", [0.0, 0.5, 0.97, 1.0])
+def test_discounted_reverse_cumsum_matches_the_recursion(L, chunk, c):
+    x = torch.randn(3, L, generator=torch.Generator().manual_seed(L), dtype=F64)
+    expected = torch.zeros_like(x)
+    running = torch.zeros(3, dtype=F64)
+    for i in range(L - 1, -1, -1):
+        running = x[:, i] + c * running
+        expected[:, i] = running
+    torch.testing.assert_close(discounted_reverse_cumsum(x, c, chunk=chunk), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_discounted_reverse_cumsum_fp32_long_sequence():
+    x = torch.full((2, 8192), 1e-3)
+    y = discounted_reverse_cumsum(x, 1.0)
+    torch.testing.assert_close(y[:, 0], torch.full((2,), 8.192), rtol=1e-5, atol=0)
 
 
 # -------------------------------------------------------------------------------------------- REINFORCE++ family
