@@ -63,7 +63,7 @@ class EstimatorInputs:
 
 Estimator = Callable[[EstimatorInputs], "tuple[torch.Tensor, torch.Tensor]"]
 _REGISTRY: dict[str, Estimator] = {}
-# Which estimators need group statistics, a critic, or accept the reference KL in their advantage.
+# Which estimators normalise rewards within prompt groups, and which put the reference KL into the advantage.
 _GROUPED = frozenset({"grpo", "gspo", "reinforce_plus_plus_baseline"})
 _USES_REF_KL = frozenset({"ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"})
 

@@ -24,13 +24,16 @@ one optimiser step, over all micro-batches and all data-parallel ranks. Each mic
 divided by the same constant, so gradients add up across micro-batches and ranks to ``grad (1/N) sum_i ...``:
   * gradients summed over micro-batches (plain accumulation) and SUMMED over ranks: pass N;
   * summed over micro-batches, AVERAGED over W ranks (torch DDP; Megatron-core DDP by default): pass N / W;
-  * additionally, if the framework divides each micro-batch loss by the number of micro-batches M (Megatron-core's
-    pipeline schedule does when the loss function returns (loss, metrics)): pass N / (W * M).
+  * additionally, if the framework divides each micro-batch loss by the number of micro-batches M (Megatron-core
+    0.19's ``forward_step`` does when the loss function returns two values ``(loss, reduced)``): pass N / (W * M).
 :func:`loss_normalizer` computes this; ``tests/algo/test_algo_loss.py`` shows the equality with one big batch.
+Context parallelism (a sample's tokens split over ranks) is not covered: "sample_mean" would divide by the local
+part of each sample's length; use "token_mean" there.
 
-The log-ratio clamp: ``exp(>20)`` overflows nothing, but ``0 * exp(large)`` in the backward of a token with A = 0
-would be NaN. A ratio beyond e^20 is far outside any clip range; its gradient is 0 for A > 0 (clipped anyway), and
-for A < 0 the (otherwise explosive) gradient is dropped: use ``dual_clip`` to bound it smoothly instead.
+The log-ratio clamp: ``exp`` of a log-ratio above ~88 is inf in fp32, and a token with A = 0 then gives
+``0 * inf = NaN`` in the loss and its backward. A ratio beyond e^20 is far outside any clip range; its gradient is
+0 for A > 0 (clipped anyway), and for A < 0 the (otherwise explosive) gradient is dropped: use ``dual_clip`` to
+bound it smoothly instead.
 """
 from __future__ import annotations
 
