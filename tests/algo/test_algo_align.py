@@ -1,8 +1,6 @@
 """Response-span alignment against real SGLang 0.5.23 captures (logprob_start_len 0 and k), checked against HF."""
 import copy
-import filecmp
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,12 +8,8 @@ import torch
 
 from opd_train.algo import response_logprobs_from_sglang, response_topk_from_sglang
 
-DATA = Path(__file__).parent / "data" / "sglang-0.5.23"
-SHARED = Path(os.environ.get("OPD_SGLANG_FIXTURES",
-                             Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "sglang-0.5.23"))
-no_shared = pytest.mark.skipif(not (SHARED / "model").is_dir(),
-                               reason=f"the shared SGLang captures and their model are not at {SHARED} "
-                                      "(set OPD_SGLANG_FIXTURES)")
+# The real captures (and the tiny Qwen3 they served), vendored by the repo from ../shared/fixtures/sglang-0.5.23.
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "sglang-0.5.23"
 
 
 def load(name):
@@ -30,12 +24,6 @@ def meta(name, item=None):
 def request_ids(name, item=None):
     ids = load(name)["request"]["input_ids"]
     return ids if item is None else ids[item]
-
-
-@no_shared
-def test_vendored_fixtures_match_shared_captures():
-    for path in DATA.glob("*.json"):
-        assert filecmp.cmp(path, SHARED / path.name, shallow=False), f"{path.name} drifted from {SHARED}"
 
 
 @pytest.mark.parametrize("prompt_len", [1, 5, 12, 23])
@@ -68,11 +56,10 @@ def test_batch_items_align_independently():
         assert out.tolist() == torch.tensor([e[0] for e in entries[4:]]).tolist()
 
 
-@no_shared
 def test_aligned_logprobs_equal_hf_recomputation():
     """Entry r of the span is log p(response[r] | prompt, response[:r]) of the served model (HF fp32)."""
     from transformers import Qwen3ForCausalLM
-    model = Qwen3ForCausalLM.from_pretrained(SHARED / "model", dtype=torch.float32).eval()
+    model = Qwen3ForCausalLM.from_pretrained(DATA / "model", dtype=torch.float32).eval()
     ids = request_ids("score_single_start_k")
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)          # [24, V]
