@@ -273,6 +273,14 @@ def parse_generate_request(body: dict, limits: ModelLimits) -> ParsedRequest:
         if not ids:
             raise ProtocolError(f"input_ids[{i}] is empty: every prompt of a batch needs at least one token.")
         _check_in_vocab(ids, "input_ids" if is_single else f"input_ids[{i}]", limits.vocab_size)
+        if len(ids) > limits.max_context:
+            raise ProtocolError(f"input_ids{'' if is_single else f'[{i}]'} has {len(ids)} tokens, more than the "
+                                f"model's maximum context length of {limits.max_context} tokens.")
+        explicit = isinstance(sps[i], dict) and sps[i].get("max_new_tokens") is not None
+        if not explicit:   # SGLang's default 128 is cut at the context length instead of being an error
+            spec = parsed[i][0]
+            parsed[i] = (replace(spec, max_new_tokens=min(spec.max_new_tokens, limits.max_context - len(ids)),
+                                 min_new_tokens=min(spec.min_new_tokens, limits.max_context - len(ids))), n)
         total = len(ids) + parsed[i][0].max_new_tokens
         if total > limits.max_context:
             raise ProtocolError(f"Requested token count exceeds the model's maximum context length of "

@@ -56,6 +56,7 @@ class SchedulerStats:
     decode_steps: int = 0
     scored_seqs: int = 0
     generated_seqs: int = 0
+    merges: int = 0              # prefills merged into a running decode batch (continuous batching)
     max_batch: int = 0
 
 
@@ -183,6 +184,7 @@ class Scheduler:
             self._running = batch
         elif self.runner.can_merge(self._running):
             self.runner.merge(self._running, batch)
+            self.stats.merges += 1
         else:  # a cache layout we cannot pad (e.g. sliding-window layers): finish the new rows on their own
             while len(batch):
                 self._deliver(self.runner.decode_step(batch))
