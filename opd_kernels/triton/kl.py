@@ -47,7 +47,7 @@ def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
         shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
         # (xs - xt) first: exact for near-identical rows (Sterbenz), so tiny KLs keep their relative precision.
         term = (xs - xt) * SCALE - (ref_s - ref_t)
-        a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) + tl.sum(tl.where(es > 0, es * term, 0.0), 0)
+        a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) + tl.sum(tl.where(es == 0, 0.0, es * term), 0)
         ds = ds * alpha_s + tl.sum(es, 0)
         dt = dt * rescale(mt, mt_new) + tl.sum(et, 0)
         ms = ms_new
@@ -121,7 +121,7 @@ def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, par
 def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
                    V, s_stride_r, t_stride_r,
                    SCALE: tl.constexpr, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
-    """grad_xs = inv_t * g * p_s * (log p_s - log p_t - KL)."""
+    """grad_xs = inv_t * g * p_s * (log p_s - log p_t - KL); p_s == 0 (a -inf logit) gives 0, NaN stays NaN."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < V
@@ -131,12 +131,14 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     lse_t = tl.load(lset_ptr + row).to(tl.float32)
     g = tl.load(gkl_ptr + row).to(tl.float32)
     kl = tl.load(kl_ptr + row).to(tl.float32)
-    xs = tl.load(s_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-    xt = tl.load(t_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    # Rows with a zero upstream gradient (masked rows) are not read and get exact zeros, even with NaN logits.
+    active = cols < tl.where(g != 0.0, V, 0)
+    xs = tl.load(s_row + cols, mask=active, other=float("-inf")).to(tl.float32)
+    xt = tl.load(t_row + cols, mask=active, other=float("-inf")).to(tl.float32)
     p = tl.exp2(xs * SCALE - lse_s * LOG2E)
     # log p_s - log p_t from the differences (exact for near-identical rows), not from two O(lse) log-probs.
     diff = (xs - xt) * INV_T - (lse_s - lse_t)
-    grad = tl.where(p > 0, p * (diff - kl), 0.0) * (g * INV_T)
+    grad = tl.where(p == 0, 0.0, p * (diff - kl) * (g * INV_T))
     tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
 
 

@@ -9,7 +9,8 @@ Design note (Hopper, memory-bound; see _common.py for the numerics):
   its state (m, d, b) to a [N, S, 3] fp32 workspace; a combine kernel (grid (N,)) merges the S states and
   finishes the row. Two launches, but every SM streams even when N is 1.
 - Backward: purely elementwise once the global lse (and entropy) are known, so grid (N, ceil(V / BLOCK_V)):
-  no loop, no reduction, one read of x and one write of grad_x (2 * N*V*elt bytes).
+  no loop, no reduction, one read of x and one write of grad_x (2 * N*V*elt bytes). Ignored rows (token ==
+  ignore_index, e.g. padding or the LM-shift gap rows) are not read in either direction.
 Temperature is a compile-time constant (SCALE = inv_t * log2 e), offsets are int64, the vocabulary tail is masked
 (loaded as -inf, so it adds exactly 0 to every sum).
 """
@@ -40,7 +41,7 @@ def _logprob_stats(x_row, lo, hi, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexp
         if WITH_ENTROPY:
             # b is relative to the running max: moving the max by (m - ref) shifts every term by that much.
             b = alpha * (b + tl.where(alpha > 0, (safe_max(m) - ref) * d, 0.0)) \
-                + tl.sum(tl.where(e > 0, e * (y - ref), 0.0), 0)
+                + tl.sum(tl.where(e == 0, 0.0, e * (y - ref)), 0)
         d = d * alpha + tl.sum(e, 0)
         m = m_new
     return m, d, b
@@ -50,8 +51,8 @@ def _logprob_stats(x_row, lo, hi, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexp
 def _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
                     SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     lse2 = m + tl.log2(d)
-    tl.store(lse_ptr + row, lse2 * LN2)
     in_shard, valid, x_tok = token_logit(x_row, tok_ptr, row, V, vocab_start, ignore_index)
+    tl.store(lse_ptr + row, tl.where(valid, lse2 * LN2, 0.0))  # ignored rows were not read (lse unspecified)
     tl.store(logp_ptr + row, tl.where(in_shard, (x_tok * SCALE - lse2) * LN2, 0.0))
     if WITH_ENTROPY:
         ent = (tl.log2(d) - b / d) * LN2
@@ -65,16 +66,17 @@ def _logprob_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr,
                         BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_r
+    n_cols = tl.where(tl.load(tok_ptr + row) != ignore_index, V, 0)  # ignored rows are not read
     if SPLIT:
         s = tl.program_id(1)
         lo = s * chunk
-        m, d, b = _logprob_stats(x_row, lo, tl.minimum(lo + chunk, V), SCALE, WITH_ENTROPY, BLOCK_V)
+        m, d, b = _logprob_stats(x_row, lo, tl.minimum(lo + chunk, n_cols), SCALE, WITH_ENTROPY, BLOCK_V)
         part = part_ptr + (row * tl.num_programs(1) + s) * 3
         tl.store(part, m)
         tl.store(part + 1, d)
         tl.store(part + 2, b)
     else:
-        m, d, b = _logprob_stats(x_row, 0, V, SCALE, WITH_ENTROPY, BLOCK_V)
+        m, d, b = _logprob_stats(x_row, 0, n_cols, SCALE, WITH_ENTROPY, BLOCK_V)
         _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
                         SCALE, WITH_ENTROPY)
 
@@ -114,7 +116,7 @@ def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, o
     valid = tok != ignore_index
     lse2 = tl.load(lse_ptr + row).to(tl.float32) * LOG2E
     g = tl.load(glogp_ptr + row).to(tl.float32)
-    y = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32) * SCALE
+    y = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(tl.float32) * SCALE  # ignored: no read
     logp2 = y - lse2
     p = tl.exp2(logp2)
     # (onehot - p) in fp32: the target's 1 - p keeps its precision for confident rows.
@@ -122,7 +124,7 @@ def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, o
     if HAS_ENTROPY:
         g_h = tl.load(gent_ptr + row).to(tl.float32)
         ent = tl.load(ent_ptr + row).to(tl.float32)
-        grad -= g_h * tl.where(p > 0, p * (logp2 * LN2 + ent), 0.0)
+        grad -= g_h * tl.where(p == 0, 0.0, p * (logp2 * LN2 + ent))
     grad = tl.where(valid, grad * INV_T, 0.0)
     tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -161,8 +163,9 @@ def logprob_fwd(logits: torch.Tensor, tokens: torch.Tensor, inv_temperature: flo
     """Shard-local (logp, entropy, lse), each fp32 [N]; entropy is an empty [0] tensor unless with_entropy.
 
     logits [N, V] fp32/bf16/fp16, unit vocabulary stride; tokens [N] int64 global ids.
-    lse = logsumexp(x * inv_t) over the shard (also on ignored rows); logp = x[tok - vocab_start] * inv_t - lse
-    when the shard owns the token and tok != ignore_index, else 0; entropy of the shard softmax (0 on ignored rows).
+    lse = logsumexp(x * inv_t) over the shard (0 on ignored rows, which are not read); logp =
+    x[tok - vocab_start] * inv_t - lse when the shard owns the token and tok != ignore_index, else 0; entropy of
+    the shard softmax (0 on ignored rows).
     """
     return _fwd(logits, tokens, inv_temperature, vocab_start, ignore_index, with_entropy)
 

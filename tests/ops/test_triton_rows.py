@@ -125,7 +125,9 @@ def test_logprob_fwd_matches_float64(case):
     assert logp.dtype == ent.dtype == lse.dtype == torch.float32 and logp.shape == (n,)
     ref = contract_logprob(x.cpu(), tok.cpu(), inv_t)
     t32 = contract_logprob(x.cpu(), tok.cpu(), inv_t, dtype=torch.float32)
-    for got, r, t, name in zip((logp, ent, lse), ref, t32, ("logp", "entropy", "lse")):
+    keep = tok.cpu() != IGNORE  # the lse of an ignored row is unspecified (the row is not read)
+    for got, r, t, name in zip((logp, ent, lse[keep]), ref[:2] + (ref[2][keep],), t32[:2] + (t32[2][keep],),
+                               ("logp", "entropy", "lse")):
         check_2x(got.cpu(), r, t, name)
     if n > 2:
         assert logp[2].item() == 0.0 and ent[2].item() == 0.0  # ignored row
@@ -177,7 +179,8 @@ def test_logprob_vocab_shards_combine_to_full():
     ent = lse - (w * (lse_r - torch.stack([p[1] for p in parts]).cpu().double())).sum(0)
     ent = torch.where(col != IGNORE, ent, 0.0)
     ref_logp, ref_ent, ref_lse = contract_logprob(x.cpu(), col, 0.8)
-    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=0)
+    keep = col != IGNORE
+    torch.testing.assert_close(lse[keep], ref_lse[keep], atol=2e-6, rtol=0)
     torch.testing.assert_close(logp, ref_logp, atol=2e-6, rtol=0)
     torch.testing.assert_close(ent, ref_ent, atol=2e-6, rtol=0)
     # backward of a shard with the GLOBAL lse / entropy equals that shard's slice of the full gradient
@@ -344,6 +347,15 @@ def test_nan_logits_propagate_to_their_row_only():
     assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
     kl, lse_s, lse_t, _ = tk.kl_fwd(x, x.roll(1, 0), None, 1.0, 0, IGNORE)
     assert torch.isnan(kl[[1, 2]]).all() and torch.isfinite(kl[0])  # row 2's teacher is row 1
+    g = kl.new_tensor([1.0, 0.0, 1.0])  # a zero upstream gradient (masked row) gives exact zeros, NaN or not
+    grad = tk.kl_bwd(x, x.roll(1, 0), g, lse_s, lse_t, kl, 1.0)
+    assert torch.count_nonzero(grad[1]).item() == 0 and torch.isnan(grad[2]).all()
+    # an ignored row is not read at all: a NaN there leaks nowhere
+    tok[1] = IGNORE
+    logp, ent, lse = tk.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
+    assert torch.isfinite(torch.stack([logp, ent, lse])).all() and logp[1].item() == ent[1].item() == 0.0
+    grad = tk.logprob_bwd(x, tok, torch.ones(3).to(DEV), torch.ones(3).to(DEV), lse, ent, 1.0, 0, IGNORE)
+    assert torch.count_nonzero(grad[1]).item() == 0 and torch.isfinite(grad).all()
 
 
 def test_row_offsets_are_64_bit():
