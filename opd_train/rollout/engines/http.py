@@ -168,13 +168,14 @@ class AsyncHTTP:
                 self._count(type(exc).__name__)
                 continue
             if status >= 500:
-                last = f"HTTP {status}: {_snippet(body)}"
+                last = f"HTTP {status}: {_server_message(body)}"
                 self._count(f"HTTP {status}")
                 continue
             if status >= 400:
                 self.stats.failures += 1
-                raise RequestFailed(f"{method} {url} was rejected with HTTP {status}: {_snippet(body)} (not retried:"
-                                    f" the request itself is invalid)", url=url, attempts=attempt + 1, status=status)
+                raise RequestFailed(f"{method} {url} was rejected with HTTP {status}: {_server_message(body)} (not "
+                                    f"retried: the request itself is invalid)", url=url, attempts=attempt + 1,
+                                    status=status)
             try:
                 return check((status, body))
             except InvalidResponse as exc:
@@ -193,6 +194,20 @@ def _parse(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidResponse(f"body is not valid JSON ({exc}): {_snippet(body)}") from exc
+
+
+def _server_message(body: bytes) -> str:
+    """SGLang's error text: ``{"error": {"message": ...}}``, FastAPI's ``{"message": ...}``, or the raw body."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _snippet(body)
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        message = error.get("message") if isinstance(error, dict) else parsed.get("message")
+        if isinstance(message, str):
+            return message if len(message) <= 500 else message[:500] + "..."
+    return _snippet(body)
 
 
 def _snippet(body: bytes, limit: int = 300) -> str:

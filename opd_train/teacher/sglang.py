@@ -1,0 +1,199 @@
+"""`SGLangTeacher`: teacher log-probs from an SGLang ``/generate`` endpoint (real SGLang or our CPU engine).
+
+Request per sample (SPEC §3): ``input_ids = prompt + response``, ``max_new_tokens 0``, ``return_logprob``,
+``logprob_start_len = prompt_len - 1`` (exactly response_len + 1 entries back, and the shared prompt prefix stays in
+SGLang's radix cache), plus ``top_logprobs_num = K`` when the teacher's top-k / full distribution is wanted.
+
+Robustness: one shared aiohttp session per process with a concurrency limit, a timeout per attempt, retries with
+exponential backoff on connection errors / 5xx / timeouts / malformed or misaligned bodies (:mod:`..rollout.engines.http`),
+ids validated before sending (SGLang 0.5.23 dies on negative or oversized ids), strict length checks through
+``opd_train.algo.align`` (the response span must be exactly response_len entries after the null), and the echoed
+ids must be ours (except SGLang's ``vocab_size - 1 -> 0`` echo quirk): a response for another sequence is never
+accepted. The final error names the URL.
+
+Temperature (SPEC §1): SGLang returns prompt log-probs at T=1 whatever the request says. With ``temperature != 1``
+this client needs the full distribution (``top_logprobs_num == vocab_size``) and rescales it exactly to T
+(``log_softmax(logp_1 / T)``), or ``allow_t1_scores=True``, meaning the trainer scores the student's KL term at
+T=1; anything else is refused at construction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+
+from ..algo.align import response_logprobs_from_sglang, response_topk_from_sglang
+from ..rollout.engines.http import AsyncHTTP, InvalidResponse, RetryPolicy
+from ..rollout.engines.sglang import validate_ids
+from .base import Teacher, TeacherScores
+
+log = logging.getLogger(__name__)
+
+
+def generate_url(url: str) -> str:
+    """``http://host:port`` or ``http://host:port/generate`` -> the ``/generate`` URL (slime's rm_url form)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"teacher URL {url!r} must look like http://HOST:PORT/generate (--rm-url)")
+    path = parts.path.rstrip("/")
+    if path in ("", "/"):
+        path = "/generate"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+@dataclass(frozen=True)
+class SGLangTeacherConfig:
+    url: str                              # --rm-url, e.g. http://127.0.0.1:30000/generate
+    vocab_size: int | None = None         # ids are checked against it before sending (strongly recommended)
+    top_logprobs_num: int = 0             # 0: sampled-token log-probs only; K: also the top-K; vocab_size: full
+    temperature: float = 1.0              # the student's rollout temperature
+    allow_t1_scores: bool = False         # trainer promises to score the student's KL term at T=1
+    timeout: float = 60.0
+    max_retries: int = 5
+    backoff: float = 0.5
+    backoff_max: float = 10.0
+    concurrency: int = 64
+
+    @property
+    def full_distribution(self) -> bool:
+        return self.vocab_size is not None and self.top_logprobs_num == self.vocab_size
+
+    def validate(self) -> "SGLangTeacherConfig":
+        generate_url(self.url)
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+        if self.top_logprobs_num < 0 or (self.vocab_size and self.top_logprobs_num > self.vocab_size):
+            raise ValueError(f"teacher top_logprobs_num={self.top_logprobs_num} must be in [0, vocab_size]")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout temperature must be > 0 for OPD, got {self.temperature}")
+        if self.temperature != 1.0 and not self.full_distribution and not self.allow_t1_scores:
+            raise ValueError(
+                f"rollout temperature is {self.temperature} but SGLang returns teacher log-probs at T=1 (it ignores "
+                f"the temperature for prompt log-probs), so the KL would compare a T-scaled student with a T=1 "
+                f"teacher. Either request the teacher's full distribution (top_logprobs_num = vocab_size = "
+                f"{self.vocab_size}; it is rescaled exactly to T), or have the trainer score the student's KL term "
+                f"at T=1 and say so (allow_t1_scores / --opd-kl-at-t1), or roll out at temperature 1.")
+        return self
+
+
+class SGLangTeacher(Teacher):
+    def __init__(self, config: SGLangTeacherConfig, http: AsyncHTTP | None = None):
+        self.config = config.validate()
+        self.url = generate_url(config.url)
+        policy = RetryPolicy(timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff,
+                             backoff_max=config.backoff_max)
+        self.http = http or AsyncHTTP(concurrency=config.concurrency, policy=policy)
+        self.out_temperature = config.temperature if config.full_distribution else 1.0
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def _item(self, tokens: list[int], response_len: int) -> tuple[list[int], int]:
+        prompt_len = len(tokens) - response_len
+        if response_len < 0 or prompt_len < 1:
+            raise ValueError(f"cannot score {response_len} response tokens of a {len(tokens)}-token sequence: the "
+                             f"prompt needs at least one token")
+        validate_ids([tokens], self.config.vocab_size, what="tokens")
+        return list(tokens), prompt_len - 1
+
+    def _payload(self, input_ids: Any, start: Any) -> dict:
+        payload = {"input_ids": input_ids, "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+                   "return_logprob": True, "logprob_start_len": start}
+        if self.config.top_logprobs_num:
+            payload["top_logprobs_num"] = self.config.top_logprobs_num
+        return payload
+
+    async def ascore(self, tokens: list[int], response_len: int) -> TeacherScores:
+        if response_len == 0:
+            return self._empty()
+        ids, start = self._item(tokens, response_len)
+        return await self.http.post_json(self.url, self._payload(ids, start),
+                                         lambda body: self._parse(_one(body), ids, response_len))
+
+    async def ascore_many(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
+        """All non-empty responses in ONE batched request (a list of lists, per-item logprob_start_len)."""
+        todo = [(i, *self._item(t, r), r) for i, (t, r) in enumerate(items) if r > 0]
+        out = [self._empty() for _ in items]
+        if not todo:
+            return out
+
+        def parse(body: Any) -> list[TeacherScores]:
+            if not isinstance(body, list) or len(body) != len(todo):
+                raise InvalidResponse(f"expected a list of {len(todo)} results, got "
+                                      f"{len(body) if isinstance(body, list) else type(body).__name__}")
+            return [self._parse(b, ids, r) for b, (_, ids, _, r) in zip(body, todo)]
+
+        payload = self._payload([ids for _, ids, _, _ in todo], [start for _, _, start, _ in todo])
+        for (i, *_), scores in zip(todo, await self.http.post_json(self.url, payload, parse)):
+            out[i] = scores
+        return out
+
+    def score_samples(self, samples: list) -> None:
+        """Synchronous batched scoring of ``Sample`` objects (fills their teacher fields)."""
+        results = self.http._submit(self.ascore_many([(s.tokens, s.response_length) for s in samples])).result()
+        for sample, scores in zip(samples, results):
+            scores.attach(sample)
+
+    def close(self) -> None:
+        self.http.close()
+
+    # ------------------------------------------------------------------------------------------------ parsing
+    def _empty(self) -> TeacherScores:
+        k = self.config.top_logprobs_num
+        return TeacherScores(log_probs=torch.zeros(0), temperature=self.out_temperature,
+                             topk_ids=torch.zeros(0, k, dtype=torch.long) if k else None,
+                             topk_log_probs=torch.zeros(0, k) if k else None)
+
+    def _parse(self, item: Any, ids: list[int], response_len: int) -> TeacherScores:
+        meta = item.get("meta_info") if isinstance(item, dict) else None
+        if not isinstance(meta, dict):
+            raise InvalidResponse(f"no meta_info in the response: {str(item)[:200]}")
+        prompt_len, start = len(ids) - response_len, len(ids) - response_len - 1
+        span = dict(prompt_len=prompt_len, response_len=response_len, logprob_start_len=start)
+        entries = meta.get("input_token_logprobs")
+        try:
+            log_probs = response_logprobs_from_sglang(entries, **span)
+        except (TypeError, ValueError) as exc:
+            raise InvalidResponse(str(exc)) from exc
+        self._check_echo(entries, ids[start:])
+        scores = TeacherScores(log_probs=log_probs, temperature=self.out_temperature)
+        k = self.config.top_logprobs_num
+        if k:
+            try:
+                top_ids, top_lps = response_topk_from_sglang(meta.get("input_top_logprobs"), **span)
+            except (TypeError, ValueError) as exc:
+                raise InvalidResponse(str(exc)) from exc
+            if top_ids.shape[1] != k:
+                raise InvalidResponse(f"asked for top_logprobs_num={k}, got {top_ids.shape[1]} per position")
+            scores.topk_ids, scores.topk_log_probs = top_ids, top_lps
+            if self.config.full_distribution and self.config.temperature != 1.0:
+                self._rescale(scores, ids[prompt_len:])
+        return scores
+
+    def _check_echo(self, entries: list, expected: list[int]) -> None:
+        vocab = self.config.vocab_size
+        for j, (entry, ours) in enumerate(zip(entries, expected)):
+            echoed = entry[1] if isinstance(entry, list) and len(entry) > 1 else None
+            quirk = echoed == 0 and (vocab is None or ours == vocab - 1)   # SGLang echoes vocab_size-1 as 0
+            if echoed != ours and not quirk:
+                raise InvalidResponse(f"the server echoed token id {echoed!r} at span position {j} where the request "
+                                      f"had {ours}: this response belongs to another sequence")
+
+    def _rescale(self, scores: TeacherScores, response: list[int]) -> None:
+        """Full distribution at T=1 -> exactly at T: log_softmax(logp_1 / T) (the lse of the logits cancels)."""
+        order = scores.topk_ids.argsort(dim=1)
+        if not bool((scores.topk_ids.gather(1, order) == torch.arange(order.shape[1])).all()):
+            raise InvalidResponse("the full-distribution top-k does not list every token id exactly once")
+        full = scores.topk_log_probs.gather(1, order).double() / self.config.temperature   # [R, V], column = id
+        full = torch.log_softmax(full, dim=1).float()
+        scores.log_probs = full[torch.arange(len(response)), torch.tensor(response)]
+        scores.topk_log_probs = full.gather(1, scores.topk_ids)
+
+
+def _one(body: Any) -> Any:
+    if isinstance(body, list):
+        if len(body) != 1:
+            raise InvalidResponse(f"expected one result object, got a list of {len(body)}")
+        return body[0]
+    return body
