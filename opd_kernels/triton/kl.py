@@ -139,6 +139,7 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     # log p_s - log p_t from the differences (exact for near-identical rows), not from two O(lse) log-probs.
     diff = (xs - xt) * INV_T - (lse_s - lse_t)
     grad = tl.where(p == 0, 0.0, p * (diff - kl) * (g * INV_T))
+    grad = tl.where(active, grad, 0.0)
     tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
 
 
