@@ -1,0 +1,217 @@
+// TORCH_LIBRARY_IMPL(opd_C, CUDA, m): the CUDA row kernels (csrc/cuda/*_kernels.cu) behind the schemas of
+// csrc/registration.cpp. This file is the only CUDA-side one that knows about tensors: it checks inputs (clear
+// errors before any launch), allocates outputs / the split workspace with the caching allocator, and launches on
+// the current stream of the logits' device. Nothing here synchronises with the host.
+// Built only when torch has CUDA; tools/check_cuda.sh syntax-checks it on CPU machines.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "common.h"
+#include "cuda/row_kernels.h"
+
+namespace opd::cuda_impl {
+namespace {
+
+using opd_cuda::DType;
+using opd_cuda::Rows;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK_TYPE(false, "logits must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+Rows rows_of(const at::Tensor& x) { return Rows{x.data_ptr(), x.stride(0), dtype_of(x)}; }
+
+// Checks a logits view and returns its row count; grid.x holds one block per row.
+int64_t check_logits(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got ", x.device());
+  check_rows(x, name);
+  TORCH_CHECK_VALUE(x.size(0) < (int64_t{1} << 31), name, " has ", x.size(0), " rows; at most 2^31 - 1 per call");
+  return x.size(0);
+}
+
+void check_pair(const at::Tensor& s, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(s.sizes() == t.sizes(), "student and teacher views differ in shape: ", s.sizes(), " vs ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(s.device() == t.device(), "student and teacher logits are on different devices: ", s.device(),
+                    " vs ", t.device());
+}
+
+// A per-row input as a contiguous [n] tensor of `dtype` (no copy when it already is one).
+at::Tensor per_row(const at::Tensor& t, int64_t n, at::ScalarType dtype, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), " but the logits are on ", x.device());
+  TORCH_CHECK_VALUE(t.numel() == n, name, " must hold one value per row (", n, "), got shape ", t.sizes());
+  if (dtype == at::kLong || dtype == at::kBool) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
+  }
+  return t.reshape({n}).to(dtype).contiguous();
+}
+
+float checked_inv_t(double inv_t) {
+  TORCH_CHECK_VALUE(std::isfinite(inv_t) && inv_t > 0, "inv_temperature must be finite and > 0, got ", inv_t);
+  return static_cast<float>(inv_t);
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+Triple logprob_fwd(const at::Tensor& x, const at::Tensor& tokens, double inv_temperature, int64_t vocab_start,
+                   int64_t ignore_index, bool with_entropy) {
+  const int64_t n = check_logits(x, "logits"), v = x.size(1);
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({n}, f32), lse = at::empty({n}, f32), ent = at::empty({with_entropy ? n : 0}, f32);
+  if (n == 0) return {logp, ent, lse};
+  const auto plan = opd_cuda::plan_forward(n, v, static_cast<int>(x.element_size()), opd_cuda::kLogprobStateFloats,
+                                           x.get_device());
+  const at::Tensor ws = plan.workspace_floats > 0 ? at::empty({plan.workspace_floats}, f32) : at::Tensor();
+  C10_CUDA_CHECK(opd_cuda::logprob_fwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), inv_t, vocab_start, ignore_index,
+                                       logp.data_ptr<float>(), with_entropy ? ent.data_ptr<float>() : nullptr,
+                                       lse.data_ptr<float>(), plan, ptr_or_null<float>(ws), stream()));
+  return {logp, ent, lse};
+}
+
+at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                       const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse, const at::Tensor& entropy,
+                       double inv_temperature, int64_t vocab_start, int64_t ignore_index) {
+  const int64_t n = check_logits(x, "logits"), v = x.size(1);
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
+  const at::Tensor g = per_row(grad_logp, n, at::kFloat, x, "grad_logp");
+  const at::Tensor l = per_row(lse, n, at::kFloat, x, "lse");
+  at::Tensor ge, ent;
+  if (grad_entropy.has_value()) {
+    ge = per_row(*grad_entropy, n, at::kFloat, x, "grad_entropy");
+    ent = per_row(entropy, n, at::kFloat, x, "entropy");
+  }
+  at::Tensor grad = at::empty({n, v}, x.options());
+  if (grad.numel() == 0) return grad;
+  C10_CUDA_CHECK(opd_cuda::logprob_bwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), g.data_ptr<float>(),
+                                       ptr_or_null<float>(ge), l.data_ptr<float>(), ptr_or_null<float>(ent), inv_t,
+                                       vocab_start, ignore_index, grad.data_ptr(), stream()));
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& xs, const at::Tensor& xt,
+                                                                  const std::optional<at::Tensor>& tokens,
+                                                                  double inv_temperature, int64_t vocab_start,
+                                                                  int64_t ignore_index) {
+  const int64_t n = check_logits(xs, "student logits"), v = xs.size(1);
+  check_logits(xt, "teacher logits");
+  check_pair(xs, xt);
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(xs.device());
+  const at::Tensor tok = tokens.has_value() ? per_row(*tokens, n, at::kLong, xs, "tokens") : at::Tensor();
+  const auto f32 = xs.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({n}, f32), lse_s = at::empty({n}, f32), lse_t = at::empty({n}, f32);
+  at::Tensor logp = at::empty({tok.defined() ? n : 0}, f32);
+  if (n == 0) return {kl, lse_s, lse_t, logp};
+  const int elem = static_cast<int>(std::max(xs.element_size(), xt.element_size()));
+  const auto plan = opd_cuda::plan_forward(n, v, elem, opd_cuda::kKlStateFloats, xs.get_device());
+  const at::Tensor ws = plan.workspace_floats > 0 ? at::empty({plan.workspace_floats}, f32) : at::Tensor();
+  C10_CUDA_CHECK(opd_cuda::kl_fwd(rows_of(xs), rows_of(xt), n, v, ptr_or_null<int64_t>(tok), inv_t, vocab_start,
+                                  ignore_index, kl.data_ptr<float>(), lse_s.data_ptr<float>(),
+                                  lse_t.data_ptr<float>(), tok.defined() ? logp.data_ptr<float>() : nullptr, plan,
+                                  ptr_or_null<float>(ws), stream()));
+  return {kl, lse_s, lse_t, logp};
+}
+
+at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
+                  const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+  const int64_t n = check_logits(xs, "student logits"), v = xs.size(1);
+  check_logits(xt, "teacher logits");
+  check_pair(xs, xt);
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(xs.device());
+  const at::Tensor g = per_row(grad_kl, n, at::kFloat, xs, "grad_kl");
+  const at::Tensor ls = per_row(lse_s, n, at::kFloat, xs, "lse_s");
+  const at::Tensor lt = per_row(lse_t, n, at::kFloat, xs, "lse_t");
+  const at::Tensor k = per_row(kl, n, at::kFloat, xs, "kl");
+  at::Tensor grad = at::empty({n, v}, xs.options());
+  if (grad.numel() == 0) return grad;
+  C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<float>(),
+                                  lt.data_ptr<float>(), k.data_ptr<float>(), inv_t, grad.data_ptr(), stream()));
+  return grad;
+}
+
+Triple opd_outputs(const at::Tensor& x, int64_t n) {
+  const auto f32 = x.options().dtype(at::kFloat);
+  return {at::empty({n}, f32), at::empty({n}, f32), at::empty({n}, f32)};
+}
+
+Triple opd_sampled_fwd(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& advantages,
+                       const at::Tensor& teacher_logp, const std::optional<at::Tensor>& mask, double coef,
+                       double inv_temperature, int64_t kl_kind) {
+  const int64_t n = check_logits(x, "logits"), v = x.size(1);
+  const float inv_t = checked_inv_t(inv_temperature);
+  TORCH_CHECK_VALUE(kl_kind >= 1 && kl_kind <= 3, "kl_kind must be 1 (k1), 2 (k2) or 3 (k3), got ", kl_kind);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
+  const at::Tensor adv = per_row(advantages, n, at::kFloat, x, "advantages");
+  const at::Tensor tlp = per_row(teacher_logp, n, at::kFloat, x, "teacher_logp");
+  const at::Tensor keep = mask.has_value() ? per_row(*mask, n, at::kBool, x, "mask") : at::Tensor();
+  auto [adv_out, kl, logp] = opd_outputs(x, n);
+  if (n == 0) return {adv_out, kl, logp};
+  C10_CUDA_CHECK(opd_cuda::opd_sampled_fwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), adv.data_ptr<float>(),
+                                           tlp.data_ptr<float>(), ptr_or_null<bool>(keep), coef, inv_t,
+                                           static_cast<int>(kl_kind), adv_out.data_ptr<float>(), kl.data_ptr<float>(),
+                                           logp.data_ptr<float>(), stream()));
+  return {adv_out, kl, logp};
+}
+
+Triple opd_full_fwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& tokens,
+                    const at::Tensor& advantages, const std::optional<at::Tensor>& mask, double coef,
+                    double inv_temperature) {
+  const int64_t n = check_logits(xs, "student logits"), v = xs.size(1);
+  check_logits(xt, "teacher logits");
+  check_pair(xs, xt);
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(xs.device());
+  const at::Tensor tok = per_row(tokens, n, at::kLong, xs, "tokens");
+  const at::Tensor adv = per_row(advantages, n, at::kFloat, xs, "advantages");
+  const at::Tensor keep = mask.has_value() ? per_row(*mask, n, at::kBool, xs, "mask") : at::Tensor();
+  auto [adv_out, kl, logp] = opd_outputs(xs, n);
+  if (n == 0) return {adv_out, kl, logp};
+  C10_CUDA_CHECK(opd_cuda::opd_full_fwd(rows_of(xs), rows_of(xt), n, v, tok.data_ptr<int64_t>(),
+                                        adv.data_ptr<float>(), ptr_or_null<bool>(keep), coef, inv_t,
+                                        adv_out.data_ptr<float>(), kl.data_ptr<float>(), logp.data_ptr<float>(),
+                                        stream()));
+  return {adv_out, kl, logp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_C, CUDA, m) {
+  m.impl("logprob_fwd", &logprob_fwd);
+  m.impl("logprob_bwd", &logprob_bwd);
+  m.impl("kl_fwd", &kl_fwd);
+  m.impl("kl_bwd", &kl_bwd);
+  m.impl("opd_sampled_fwd", &opd_sampled_fwd);
+  m.impl("opd_full_fwd", &opd_full_fwd);
+}
+
+}  // namespace opd::cuda_impl

@@ -1,0 +1,318 @@
+// Device-side building blocks of the CUDA row kernels: dtype conversion, 8/16-byte streaming packs, the row
+// walk (scalar head up to the first aligned column, aligned packs, scalar rest), and the online-softmax states
+// with their warp/block merges. Pure CUDA: no torch headers (see row_kernels.h).
+//
+// Numerics (identical to the Triton kernels, opd_kernels/triton/_common.py): base 2, y = x * inv_t * log2(e),
+// every exponential is one ex2.approx (MUFU.EX2). State per row: m = running max of y (-inf while empty),
+// d = sum 2^(y - m); entropy b = sum 2^(y - m) (y - m); KL a = sum 2^(ys - ms) ((xs - xt) * scale - (ms - mt)).
+// Empty states (-inf max) are never rescaled, so -inf - -inf never makes a NaN, while a NaN logit reaches d
+// (fmaxf ignores it in the max, exp2(NaN) does not) and so every output of its row.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "row_kernels.h"
+
+namespace opd_cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kThreads = 256;  // 8 warps: with <= 128 registers per thread, >= 2 blocks share an SM
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+
+// 2^x in one MUFU instruction (~2 ulp; 2^-inf = 0, 2^NaN = NaN; results below 2^-126 flush to 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The exponent reference of a state: its max, or 0 while the state is empty.
+__device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Packs: N elements of T loaded / stored as one 8- or 16-byte access (the pointer must be aligned to it).
+// Loads are streaming (evict-first, __ldcs): each logit is read once per kernel.
+// ---------------------------------------------------------------------------------------------------------
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
+  static_assert(sizeof(Pack<T, N>) == 16 || sizeof(Pack<T, N>) == 8, "packs are 8 or 16 bytes");
+  Pack<T, N> pk;
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+    memcpy(&pk, &raw, sizeof(raw));
+  } else {
+    const uint2 raw = __ldcs(reinterpret_cast<const uint2*>(p));
+    memcpy(&pk, &raw, sizeof(raw));
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_f32(pk.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
+  static_assert(sizeof(Pack<T, N>) == 16 || sizeof(Pack<T, N>) == 8, "packs are 8 or 16 bytes");
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = from_f32<T>(in[i]);
+  if constexpr (sizeof(Pack<T, N>) == 16) {
+    uint4 raw;
+    memcpy(&raw, &pk, sizeof(raw));
+    __stcs(reinterpret_cast<uint4*>(p), raw);
+  } else {
+    uint2 raw;
+    memcpy(&raw, &pk, sizeof(raw));
+    __stcs(reinterpret_cast<uint2*>(p), raw);
+  }
+}
+
+// Element offset of p past the previous VEC-element boundary (p is element-aligned, as every tensor is).
+template <int VEC, typename T>
+__device__ __forceinline__ int64_t misalignment(const T* p) {
+  return static_cast<int64_t>((reinterpret_cast<uintptr_t>(p) / sizeof(T)) % VEC);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The row walk. Columns [0, head) are scalar (head < VEC brings every pointer of the row to a pack boundary),
+// packs k cover [head + k VEC, head + (k+1) VEC), columns after the last whole pack are scalar again. With
+// `splits` blocks per row, block s takes the head (s == 0), its share of the packs and of the scalar rest.
+// When the row's pointers disagree on alignment (vec_ok false) every column is scalar.
+// ---------------------------------------------------------------------------------------------------------
+__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+struct Span {
+  int64_t head_end;              // scalar columns [0, head_end)
+  int64_t first;                 // column of pack 0
+  int64_t pack_begin, pack_end;  // packs of this block
+  int64_t rest_begin, rest_end;  // scalar columns of this block after the packs
+};
+
+template <int VEC>
+__device__ __forceinline__ Span make_span(int64_t v, int64_t mis, bool vec_ok, int s, int splits) {
+  const int64_t head = vec_ok ? imin((VEC - mis) % VEC, v) : 0;
+  const int64_t packs = vec_ok ? (v - head) / VEC : 0;
+  const int64_t rest0 = head + packs * VEC;
+  const int64_t per_split = (packs + splits - 1) / splits;
+  const int64_t nrest = v - rest0;
+  const int64_t rest_per_split = (nrest + splits - 1) / splits;
+  Span sp;
+  sp.head_end = s == 0 ? head : 0;
+  sp.first = head;
+  sp.pack_begin = imin(s * per_split, packs);
+  sp.pack_end = imin(sp.pack_begin + per_split, packs);
+  sp.rest_begin = rest0 + imin(s * rest_per_split, nrest);
+  sp.rest_end = rest0 + imin((s + 1) * rest_per_split, nrest);
+  return sp;
+}
+
+// Visitor: VEC, U (packs in flight per thread), load(u, col), consume(u, col), scalar(col). All U loads of a
+// step are issued before any is consumed, so each thread keeps U * (8..16) bytes per row in flight.
+template <class Visitor>
+__device__ __forceinline__ void walk_row(const Span& sp, Visitor& vis) {
+  constexpr int VEC = Visitor::VEC, U = Visitor::U;
+  for (int64_t c = threadIdx.x; c < sp.head_end; c += kThreads) vis.scalar(c);
+  for (int64_t k0 = sp.pack_begin; k0 < sp.pack_end; k0 += static_cast<int64_t>(U) * kThreads) {
+    bool ok[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * kThreads + threadIdx.x;
+      ok[u] = k < sp.pack_end;
+      if (ok[u]) vis.load(u, sp.first + k * VEC);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + static_cast<int64_t>(u) * kThreads + threadIdx.x;
+      if (ok[u]) vis.consume(u, sp.first + k * VEC);
+    }
+  }
+  for (int64_t c = sp.rest_begin + threadIdx.x; c < sp.rest_end; c += kThreads) vis.scalar(c);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Online softmax state of one row (log2 units); ENT adds the entropy accumulator.
+// ---------------------------------------------------------------------------------------------------------
+template <bool ENT>
+struct LseState {
+  float m = -INFINITY, d = 0.f, b = 0.f;
+
+  template <int N>
+  __device__ __forceinline__ void add(const float (&y)[N]) {
+    float mx = y[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) mx = fmaxf(mx, y[i]);
+    if (mx > m) move_to(mx);  // one rescale per pack, and only when the max grows
+    const float ref = safe_ref(m);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float e = fast_exp2(y[i] - ref);
+      d += e;
+      if (ENT) b += e == 0.f ? 0.f : e * (y[i] - ref);
+    }
+  }
+
+  __device__ __forceinline__ void move_to(float m_new) {  // m_new > m
+    if (m != -INFINITY) {
+      const float alpha = fast_exp2(m - m_new);
+      if (ENT) b = alpha * (b + (m - m_new) * d);
+      d *= alpha;
+    }
+    m = m_new;
+  }
+
+  __device__ __forceinline__ void merge(float om, float od, float ob) {
+    if (om > m) {
+      const float tm = m, td = d, tb = b;
+      m = om, d = od, b = ob;
+      om = tm, od = td, ob = tb;
+    }
+    const float sc = om == -INFINITY ? 0.f : fast_exp2(om - m);
+    d += od * sc;  // a NaN od survives (NaN * 0 = NaN)
+    if (ENT && sc != 0.f) b += sc * (ob + (om - m) * od);
+  }
+
+  __device__ __forceinline__ void shfl_merge(int lane_mask) {
+    const float om = __shfl_xor_sync(kFullMask, m, lane_mask);
+    const float od = __shfl_xor_sync(kFullMask, d, lane_mask);
+    const float ob = ENT ? __shfl_xor_sync(kFullMask, b, lane_mask) : 0.f;
+    merge(om, od, ob);
+  }
+
+  __device__ __forceinline__ void store(float* p) const { p[0] = m, p[1] = d, p[2] = b; }
+  __device__ __forceinline__ void merge_from(const float* p) { merge(p[0], p[1], p[2]); }
+};
+
+// Two rows (student s, teacher t) and the KL accumulator a, relative to the current references (ms, mt).
+struct KlState {
+  float ms = -INFINITY, ds = 0.f, mt = -INFINITY, dt = 0.f, a = 0.f;
+
+  template <int N>
+  __device__ __forceinline__ void add(const float (&xs)[N], const float (&xt)[N], float scale) {
+    float ys[N], yt[N];
+    float mxs = -INFINITY, mxt = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      ys[i] = xs[i] * scale, yt[i] = xt[i] * scale;
+      mxs = fmaxf(mxs, ys[i]), mxt = fmaxf(mxt, yt[i]);
+    }
+    if (mxs > ms || mxt > mt) move_to(fmaxf(ms, mxs), fmaxf(mt, mxt));
+    const float rs = safe_ref(ms), rt = safe_ref(mt), shift = rs - rt;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const float es = fast_exp2(ys[i] - rs);
+      ds += es;
+      dt += fast_exp2(yt[i] - rt);
+      // (xs - xt) first: exact for near-identical rows, so tiny KLs keep their relative precision
+      a += es == 0.f ? 0.f : es * ((xs[i] - xt[i]) * scale - shift);
+    }
+  }
+
+  __device__ __forceinline__ void move_to(float ms_new, float mt_new) {  // ms_new >= ms, mt_new >= mt
+    const float ss = ms == -INFINITY ? 0.f : fast_exp2(ms - ms_new);
+    const float st = mt == -INFINITY ? 0.f : fast_exp2(mt - mt_new);
+    // a's terms are relative to (ms, mt): moving the references shifts every term by the same amount
+    const float shift = (safe_ref(ms) - safe_ref(ms_new)) - (safe_ref(mt) - safe_ref(mt_new));
+    if (ms != -INFINITY) a = ss * (a + shift * ds);  // an empty student state has a == 0
+    ds *= ss;  // empty: 0 * 0, or NaN * 0 = NaN (kept)
+    dt *= st;
+    ms = ms_new, mt = mt_new;
+  }
+
+  __device__ __forceinline__ void merge(KlState o) {
+    const float ms_new = fmaxf(ms, o.ms), mt_new = fmaxf(mt, o.mt);
+    move_to(ms_new, mt_new);
+    o.move_to(ms_new, mt_new);
+    ds += o.ds, dt += o.dt, a += o.a;
+  }
+
+  __device__ __forceinline__ void shfl_merge(int lane_mask) {
+    KlState o;
+    o.ms = __shfl_xor_sync(kFullMask, ms, lane_mask);
+    o.ds = __shfl_xor_sync(kFullMask, ds, lane_mask);
+    o.mt = __shfl_xor_sync(kFullMask, mt, lane_mask);
+    o.dt = __shfl_xor_sync(kFullMask, dt, lane_mask);
+    o.a = __shfl_xor_sync(kFullMask, a, lane_mask);
+    merge(o);
+  }
+
+  __device__ __forceinline__ void store(float* p) const { p[0] = ms, p[1] = ds, p[2] = mt, p[3] = dt, p[4] = a; }
+  __device__ __forceinline__ void merge_from(const float* p) {
+    KlState o;
+    o.ms = p[0], o.ds = p[1], o.mt = p[2], o.dt = p[3], o.a = p[4];
+    merge(o);
+  }
+};
+
+// Butterfly over the 32 lanes: every lane ends with the warp's merged state.
+template <class State>
+__device__ __forceinline__ void warp_reduce(State& st) {
+#pragma unroll
+  for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) st.shfl_merge(lane_mask);
+}
+
+// The block's merged state in thread 0 (other threads: unspecified). Blocks have exactly kThreads threads.
+template <class State, int FLOATS>
+__device__ __forceinline__ void block_reduce(State& st) {
+  __shared__ float smem[kWarps][FLOATS];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  warp_reduce(st);
+  if (lane == 0) st.store(smem[warp]);
+  __syncthreads();
+  if (warp == 0) {
+    State merged;
+    if (lane < kWarps) merged.merge_from(smem[lane]);
+    warp_reduce(merged);
+    st = merged;
+  }
+}
+
+// The sampled token of a row: (valid = not ignored, owned = valid and inside this shard, its column).
+struct TokenCol {
+  bool valid, owned;
+  int64_t col;
+};
+__device__ __forceinline__ TokenCol token_col(const int64_t* tokens, int64_t row, int64_t v, int64_t vocab_start,
+                                              int64_t ignore_index) {
+  const int64_t tok = tokens[row];
+  TokenCol t;
+  t.valid = tok != ignore_index;
+  t.col = tok - vocab_start;
+  t.owned = t.valid && t.col >= 0 && t.col < v;
+  return t;
+}
+
+// Host: call f(T{}) with the element type of `dtype`.
+template <class F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace opd_cuda
