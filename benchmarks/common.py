@@ -57,14 +57,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, policy: TimingPolicy) -> Timing:
-    """Median wall time of ``fn()`` on ``device`` (see the module docstring for the method)."""
+def time_fn(fn: Callable[[], object], device: torch.device, policy: TimingPolicy,
+            prior: tuple[float, ...] = ()) -> Timing:
+    """Median wall time of ``fn()`` on ``device`` (see the module docstring for the method). ``prior``: times of
+    calls already made in the same conditions (they count as repeats: slow cases need fewer extra calls)."""
     for _ in range(policy.warmup):
         fn()
     synchronize(device)
-    first = _time_once(fn, device)
-    reps = max(policy.min_reps, min(policy.max_reps, int(policy.target_s / max(first, 1e-6))))
-    times = [first] + _time_many(fn, device, reps - 1)
+    times = list(prior) or [_time_once(fn, device)]
+    reps = max(policy.min_reps, min(policy.max_reps, int(policy.target_s / max(min(times), 1e-6))))
+    times += _time_many(fn, device, reps - len(times))
     return Timing(statistics.median(times), min(times), len(times))
 
 
@@ -155,22 +157,27 @@ def cpu_peak_supported() -> str | None:
     return None
 
 
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, object]:
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, object, float]:
     """Peak memory above what was in use before one call of ``fn`` (the result stays alive until the end, so
-    returned tensors count; subtract them where they are required outputs). Returns (bytes, result)."""
+    returned tensors count; subtract them where they are required outputs). Returns (bytes, result, seconds):
+    the call is timed too (the resets happen before the clock starts), so it can count as a repeat."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
         out = fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before, out
+        seconds = time.perf_counter() - t0
+        return torch.cuda.max_memory_allocated(device) - before, out, seconds
     _malloc_trim()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _proc_status_bytes("VmRSS")
+    t0 = time.perf_counter()
     out = fn()
-    return max(0, _proc_status_bytes("VmHWM") - before), out
+    seconds = time.perf_counter() - t0
+    return max(0, _proc_status_bytes("VmHWM") - before), out, seconds
 
 
 def storage_bytes(result) -> int:

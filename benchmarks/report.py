@@ -177,6 +177,6 @@ def plot(rec: dict, path: Path) -> None:
     title = f"{rec['machine']['device_slug']} {rec['created'][:10]}" + \
             (" (PROVISIONAL: loaded machine)" if rec["load"]["provisional"] else "")
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=90)
     plt.close(fig)

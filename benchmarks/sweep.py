@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -47,6 +48,7 @@ class SweepConfig:
     seed: int
     plot: bool
     note: str = ""
+    threads: int | None = None
     argv: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
@@ -64,7 +66,7 @@ def _op_specs(names: list[str] | None) -> tuple[tuple[str, str], ...]:
         if op not in MODES:
             raise SystemExit(f"--ops: unknown op {op!r}; choose from {sorted(MODES)} (optionally op:mode)")
         if mode and mode not in MODES[op]:
-            raise SystemExit(f"--ops: {op} has modes {MODES[op]}, not {mode!r}")
+            raise SystemExit(f"--ops: {op} has modes {list(MODES[op])}, not {mode!r}")
         specs.extend((op, m) for m in ((mode,) if mode else MODES[op]))
     return tuple(dict.fromkeys(specs))
 
@@ -86,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     p.add_argument("--out", type=Path, help="output path stem (default benchmarks/results/<device>-<date>[-quick])")
     p.add_argument("--check-rows", type=int, default=64, help="rows compared with the float64 oracle per case")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--note", default="", help="text for the report's Note section (e.g. why a target is missed)")
     a = p.parse_args(argv)
@@ -101,23 +104,40 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"--dtypes: unknown {d!r}; choose from {sorted(DTYPES)}")
+    ops = _op_specs(_split(a.ops))
     Ts = tuple(a.T or (QUICK["T"] if a.quick else DEFAULT_T[device.type]))
     Vs = tuple(a.V or (QUICK["V"] if a.quick else DEFAULT_V))
     if min(Ts + Vs) < 1:
         p.error("--T and --V must be positive")
+    if a.threads is not None and a.threads < 1:
+        p.error("--threads must be positive")
     stem = a.out or common.REPO / "benchmarks" / "results" / (
         f"{common.device_slug(device)}-{common.today()}" + ("-quick" if a.quick else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    policy = common.QUICK_POLICY if a.quick else TimingPolicy(warmup=1, min_reps=3, max_reps=30, target_s=1.0)
-    return SweepConfig(device, Ts, Vs, tuple(dict.fromkeys(dtypes)), _op_specs(_split(a.ops)),
+    policy = common.QUICK_POLICY if a.quick else TimingPolicy(warmup=1, min_reps=3, max_reps=30, target_s=0.6)
+    return SweepConfig(device, Ts, Vs, tuple(dict.fromkeys(dtypes)), ops,
                        tuple(dict.fromkeys(backends)), policy, a.quick, stem, a.check_rows, a.seed,
-                       not a.no_plot, a.note, tuple(sys.argv[1:] if argv is None else argv))
+                       not a.no_plot, a.note, a.threads, tuple(sys.argv[1:] if argv is None else argv))
 
 
 # ------------------------------------------------------------------------------------------------ one case
+@contextlib.contextmanager
+def _silenced_stderr_fd():
+    """The profiler's C++ side prints start/stop lines to file descriptor 2; keep them out of the log."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _dispatched_ops(fn) -> list[str]:
     """The opd ops (opd_C::* row kernels, opd_kernels::* custom ops) that one call runs, from the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with _silenced_stderr_fd(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return sorted({e.key for e in prof.key_averages() if e.key.startswith(("opd_C::", "opd_kernels::"))})
 
@@ -158,12 +178,13 @@ def run_case(cfg: SweepConfig, inputs, op: str, mode: str, impl: str, bw: Bandwi
             row["dispatched"] = _dispatched_ops(fn)
             if impl in ("cpp", "cuda") and not any(k.startswith("opd_C::") for k in row["dispatched"]):
                 row["warning"] = f"no opd_C kernel ran under backend {impl!r}: the op fell back to PyTorch code"
-        row.update(_memory(cfg, fn, T * V * elt))
-        policy = cfg.policy
-        if row["first_call_s"] > 0.5:   # slow cases: the calls above were warmup enough
-            policy = dataclasses.replace(policy, warmup=0)
+        mem, mem_call_s = _memory(cfg, fn, T * V * elt)
+        row.update(mem)
+        policy, prior = cfg.policy, ()
+        if row["first_call_s"] > 0.5:   # slow cases: the calls above were warmup enough; the timed memory
+            policy, prior = dataclasses.replace(policy, warmup=0), (mem_call_s,)  # call counts as a repeat
         with load.measure():
-            timing = common.time_fn(fn, cfg.device, policy)
+            timing = common.time_fn(fn, cfg.device, policy, prior)
         row["foreign_load"] = load.samples[-1] if load.samples else None
     except Exception as exc:  # noqa: BLE001  (a failing backend must not stop the sweep; the row says why)
         if cfg.device.type == "cuda":
@@ -175,12 +196,14 @@ def run_case(cfg: SweepConfig, inputs, op: str, mode: str, impl: str, bw: Bandwi
     return {**row, **_derived(op, mode, T, V, elt, timing, bw)}
 
 
-def _memory(cfg: SweepConfig, fn, logits_bytes: int) -> dict:
+def _memory(cfg: SweepConfig, fn, logits_bytes: int) -> tuple[dict, float]:
     if cfg.device.type == "cpu" and (why := common.cpu_peak_supported()) is not None:
-        return {"extra_mem_bytes": None, "extra_mem_note": why}
-    peak, result = common.peak_extra_bytes(fn, cfg.device)
+        t0 = time.perf_counter()
+        fn()
+        return {"extra_mem_bytes": None, "extra_mem_note": why}, time.perf_counter() - t0
+    peak, result, seconds = common.peak_extra_bytes(fn, cfg.device)
     extra = max(0, peak - common.storage_bytes(result))   # outputs (incl. the gradient) are required, not extra
-    return {"extra_mem_bytes": extra, "extra_mem_pct_logits": 100.0 * extra / logits_bytes}
+    return {"extra_mem_bytes": extra, "extra_mem_pct_logits": 100.0 * extra / logits_bytes}, seconds
 
 
 def _derived(op, mode, T, V, elt, timing: common.Timing, bw: Bandwidth) -> dict:
@@ -205,6 +228,8 @@ def _add_speedups(rows: list[dict]) -> None:
 def run_sweep(cfg: SweepConfig, log=print) -> dict:
     started = time.perf_counter()
     load_start = os.getloadavg()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     machine = common.machine_record(cfg.device)   # before any work: the load average is still the others'
     load = ForeignLoad()
     probe_elems = (64 << 20) if cfg.quick else (256 << 20)   # fp32: 256 MiB / 1 GiB, far beyond any cache
