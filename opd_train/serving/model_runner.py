@@ -146,16 +146,53 @@ class ModelRunner:
         results = [SeqResult(finish_reason={"type": "length", "length": 0}, weight_version=self.weight_version)
                    for _ in seqs]
         lengths = [len(s.input_ids) for s in seqs]
-        order = sorted(range(len(seqs)), key=lengths.__getitem__)
+        cuts = [_cache_cut(s) for s in seqs]
+        # Rows sharing a cacheable prefix stay adjacent (one chunk), then by length to limit padding.
+        order = sorted(range(len(seqs)), key=lambda i: (cuts[i], seqs[i].input_ids[:cuts[i]], lengths[i]))
         for chunk in self._chunks(order, lengths, any(seqs[i].wants_input_logprobs for i in order)):
             batch = [seqs[i] for i in chunk]
-            ids, mask, pos, offsets = self._left_pad([s.input_ids for s in batch])
-            logits = self._forward(ids, mask, pos, None, all_logits=any(s.wants_input_logprobs for s in batch))
+            logits, offsets, cached = self._score_forward(batch, [cuts[i] for i in chunk])
             out = [results[i] for i in chunk]
             self._fill_input_logprobs(logits, offsets, batch, out)
-            self._fill_output_tops(logits[:, -1], batch, out, BatchSampler([s.sampling for s in batch],
-                                                                            self.vocab_size, self.generator))
+            last = torch.tensor([o + len(s.input_ids) - 1 for o, s in zip(offsets, batch)])
+            self._fill_output_tops(logits[torch.arange(len(batch)), last], batch, out,
+                                   BatchSampler([s.sampling for s in batch], self.vocab_size, self.generator))
+            for res, c in zip(out, cached):
+                res.cached_tokens = c
         return results
+
+    def _score_forward(self, batch: list[SeqRequest], cuts: list[int]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Logits for a scoring chunk: (logits [b, W, V], offsets, cached_tokens); position p of row r is at column
+        ``offsets[r] + p``. Rows that share the prefix ``ids[:cut]`` (no logits needed there: the n samples of a
+        prompt scored with logprob_start_len = prompt_len - 1) run that prefix once and continue from its KV cache,
+        like SGLang's radix cache; otherwise one left-padded forward."""
+        unique: dict[tuple, int] = {}
+        rows = [unique.setdefault(tuple(s.input_ids[:c]), len(unique)) for s, c in zip(batch, cuts)]
+        lengths = [len(s.input_ids) for s in batch]
+        plain = len(batch) * max(lengths)
+        shared = len(unique) * max(cuts) + len(batch) * max(n - c for n, c in zip(lengths, cuts))
+        if min(cuts) == 0 or shared > 0.8 * plain:
+            ids, mask, pos, offsets = self._left_pad([s.input_ids for s in batch])
+            all_logits = any(s.wants_input_logprobs for s in batch)
+            logits = self._forward(ids, mask, pos, None, all_logits=all_logits)
+            if not all_logits:
+                offsets = [1 - n for n in lengths]            # the one kept column is position n - 1
+            return logits, offsets, [0] * len(batch)
+        pids, pmask, ppos, _ = self._left_pad([list(k) for k in unique])
+        cache = DynamicCache(config=self.config)
+        self._forward(pids, pmask, ppos, cache, all_logits=False)
+        index = torch.tensor(rows, dtype=torch.long)
+        cache.batch_select_indices(index)
+        width = max(n - c for n, c in zip(lengths, cuts))
+        sids = torch.zeros(len(batch), width, dtype=torch.long)
+        smask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, (s, c) in enumerate(zip(batch, cuts)):          # suffixes right-padded: pads only follow
+            sids[r, :lengths[r] - c] = torch.tensor(s.input_ids[c:], dtype=torch.long)
+            smask[r, :lengths[r] - c] = 1
+        pos = torch.tensor(cuts, dtype=torch.long).unsqueeze(1) + torch.arange(width).unsqueeze(0)
+        logits = self._forward(sids, torch.cat([pmask[index], smask], dim=1), pos, cache, all_logits=True)
+        counts = Counter(rows)
+        return logits, [-c for c in cuts], [c if counts[row] > 1 else 0 for c, row in zip(cuts, rows)]
 
     def _fill_input_logprobs(self, logits: torch.Tensor, offsets: list[int], seqs: list[SeqRequest],
                              results: list[SeqResult]) -> None:
@@ -310,6 +347,12 @@ class ModelRunner:
         batch.results += other.results
         batch.stop_sets += other.stop_sets
         batch.sampler.extend(other.sampler)
+
+
+def _cache_cut(seq: SeqRequest) -> int:
+    """Positions before this one need no logits (only KV): logprob_start_len, or all but the last position."""
+    n = len(seq.input_ids)
+    return min(seq.logprob_start_len, n - 1) if seq.wants_input_logprobs else n - 1
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:

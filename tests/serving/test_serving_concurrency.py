@@ -55,3 +55,34 @@ def test_concurrent_generation_and_scoring_mix(engine, hf_v1):
         ref = hf_logprobs(hf_v1, p)
         got = [e[0] for e in sc["meta_info"]["input_token_logprobs"][1:]]
         assert max(abs(a - ref[j, p[j + 1]].item()) for j, a in enumerate(got)) <= 1e-5
+
+
+def test_shared_prompt_prefix_is_computed_once_and_scores_stay_exact(engine, hf_v1):
+    """OPD teacher pattern: n samples per prompt scored with logprob_start_len = prompt_len - 1 in one batch."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(1000) for _ in range(12 + i)] for i in range(4)]
+    seqs, starts = [], []
+    for p in prompts:
+        for j in range(4):
+            seqs.append(p + [rng.randrange(1000) for _ in range(2 + j)])
+            starts.append(len(p) - 1)
+    body = {"input_ids": seqs, "return_logprob": True, "logprob_start_len": starts, "top_logprobs_num": 2,
+            "sampling_params": {"max_new_tokens": 0}}
+    import json
+    import urllib.request
+    req = urllib.request.Request(engine.url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        replies = json.loads(resp.read())
+    for seq, start, item in zip(seqs, starts, replies):
+        meta = item["meta_info"]
+        assert meta["cached_tokens"] == start                      # the prompt's KV was computed once per prompt
+        ref = hf_logprobs(hf_v1, seq)
+        entries = meta["input_token_logprobs"]
+        assert len(entries) == len(seq) - start and entries[0][0] is None
+        for j in range(1, len(entries)):
+            assert abs(entries[j][0] - ref[start + j - 1, seq[start + j]].item()) <= 1e-5
+            assert [t[1] for t in meta["input_top_logprobs"][j]] == ref[start + j - 1].topk(2).indices.tolist()
+        last = meta["output_top_logprobs"][0]                       # SGLang's extra next-token entry
+        assert [t[1] for t in last] == ref[-1].topk(2).indices.tolist()
+        assert abs(last[0][0] - ref[-1].max().item()) <= 1e-5

@@ -83,7 +83,7 @@ def test_connection_refused_names_the_url():
 
 def test_concurrency_limit_and_one_session():
     with LoopbackServer(default=Reply(200, CAP["response"], delay=0.05)) as srv:
-        t = teacher(srv.url, concurrency=4)
+        t = teacher(srv.url, concurrency=4, coalesce_ms=0)       # one request per call
 
         async def many():
             return await asyncio.gather(*(t.ascore(IDS, 13) for _ in range(20)))
@@ -94,6 +94,26 @@ def test_concurrency_limit_and_one_session():
         session = t.http._session
         asyncio.run(t.ascore(IDS, 13))             # a new event loop in the caller: still the same session
         assert t.http._session is session
+        t.close()
+
+
+def test_concurrent_calls_are_coalesced_into_batches():
+    with LoopbackServer() as srv:
+        def reply(path, body):                  # answer a batch with one copy of the capture per item
+            n = len(body["input_ids"]) if isinstance(body["input_ids"][0], list) else 0
+            return Reply(200, [CAP["response"]] * n if n else CAP["response"])
+
+        srv.default = reply
+        t = teacher(srv.url, coalesce_ms=20, max_batch=8)
+
+        async def many():
+            return await asyncio.gather(*(t.ascore(IDS, 13) for _ in range(20)))
+
+        results = asyncio.run(many())
+        assert all(torch.equal(r.log_probs, EXPECTED) for r in results)
+        sizes = [len(b["input_ids"]) if isinstance(b["input_ids"][0], list) else 1 for _, b in srv.requests]
+        assert sum(sizes) == 20 and len(sizes) == 3 and max(sizes) == 8
+        assert srv.requests[0][1]["logprob_start_len"] == [10] * 8
         t.close()
 
 

@@ -96,6 +96,18 @@ class AsyncHTTP:
     def _submit(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._ensure_loop())
 
+    def run_on_loop(self, coro):
+        """Schedule ``coro`` on the client's loop thread; returns a ``concurrent.futures.Future``."""
+        return self._submit(coro)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._ensure_loop()
+
+    async def request_in_loop(self, url: str, payload: Any, validate: Callable[[Any], Any] | None = None) -> Any:
+        """``post_json`` for coroutines already running on this client's loop (no thread hop)."""
+        return await self._request("POST", url, payload, validate)
+
     # ------------------------------------------------------------------------------------------------ API
     async def post_json(self, url: str, payload: Any, validate: Callable[[Any], Any] | None = None, *,
                         parse: bool = True) -> Any:
