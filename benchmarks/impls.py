@@ -4,7 +4,7 @@ Implementations (``--backends``):
 - ``cpp`` / ``cuda`` / ``triton`` / ``torch``: the public ``opd_kernels`` op under ``use_backend(name)``.
 - ``naive``: textbook PyTorch, ``log_softmax(x.float()).gather(...)``; for the KL the two-``log_softmax`` formula
   ``sum(p_s * (log p_s - log p_t))``. Pinned here (not imported) so the baseline cannot drift.
-- ``chunked``: the same math over row chunks of ~CHUNK_BYTES of fp32 (no [T, V] temporary); fwd+bwd through an
+- ``chunked``: the same math over row chunks of ~CHUNK_BYTES of fp32 (1 MiB on CPU, 256 MiB on GPU) (no [T, V] temporary); fwd+bwd through an
   autograd Function that saves the row log-sum-exp and recomputes the softmax per chunk in backward — what a
   careful PyTorch user writes.
 - ``compile``: ``torch.compile(naive, dynamic=False)`` compiled afresh for every case (``torch._dynamo.reset()``)
@@ -26,7 +26,9 @@ BASELINES = ("naive", "chunked", "compile", "liger")
 IMPLS = OPD_BACKENDS + BASELINES
 DEFAULT_IMPLS = {"cpu": ("cpp", "naive", "chunked", "compile"),
                  "cuda": ("cuda", "triton", "naive", "chunked", "compile", "liger")}
-CHUNK_BYTES = 1 << 20   # fp32 bytes of one row chunk of the chunked baseline (best of 0.25/1/4/16 MiB here)
+# fp32 bytes of one row chunk of the chunked baseline, per device: cache-sized on CPU (best of 0.25/1/4/16 MiB on
+# the team's 2-core machine); large on GPU, where every chunk costs a few kernel launches.
+CHUNK_BYTES = {"cpu": 1 << 20, "cuda": 256 << 20}
 OPD_COEF = 0.5          # opd_advantages coefficient (any value: it does not change the traffic)
 
 
@@ -103,8 +105,8 @@ def naive_reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- row-chunked
-def _chunks(T: int, V: int):
-    rows = max(1, CHUNK_BYTES // (4 * V))
+def _chunks(T: int, V: int, device: torch.device):
+    rows = max(1, CHUNK_BYTES[device.type] // (4 * V))
     return [(s, min(T, s + rows)) for s in range(0, T, rows)]
 
 
@@ -114,7 +116,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         T, V = x.shape
         logp = torch.empty(T, dtype=torch.float32, device=x.device)
         lse = torch.empty(T, dtype=torch.float32, device=x.device)
-        for s, e in _chunks(T, V):
+        for s, e in _chunks(T, V, x.device):
             xc = x[s:e].float()                                    # (rows, V)
             lse[s:e] = torch.logsumexp(xc, dim=-1)
             logp[s:e] = xc.gather(-1, tokens[s:e, None]).squeeze(-1) - lse[s:e]
@@ -125,7 +127,7 @@ class _ChunkedLogprob(torch.autograd.Function):
     def backward(ctx, grad_logp):
         x, tokens, lse = ctx.saved_tensors
         grad = torch.empty_like(x)
-        for s, e in _chunks(*x.shape):
+        for s, e in _chunks(*x.shape, x.device):
             g = grad_logp[s:e, None]
             gc = torch.exp(x[s:e].float() - lse[s:e, None]).mul_(-g)   # -g * softmax
             gc.scatter_add_(-1, tokens[s:e, None], g)                  # + g * onehot
@@ -139,7 +141,7 @@ class _ChunkedReverseKL(torch.autograd.Function):
         T, V = s_logits.shape
         kl = torch.empty(T, dtype=torch.float32, device=s_logits.device)
         lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
-        for s, e in _chunks(T, V):
+        for s, e in _chunks(T, V, s_logits.device):
             xs, xt = s_logits[s:e].float(), t_logits[s:e].float()
             lse_s[s:e], lse_t[s:e] = torch.logsumexp(xs, -1), torch.logsumexp(xt, -1)
             ls, lt = xs - lse_s[s:e, None], xt - lse_t[s:e, None]
@@ -151,7 +153,7 @@ class _ChunkedReverseKL(torch.autograd.Function):
     def backward(ctx, grad_kl):
         s_logits, t_logits, lse_s, lse_t, kl = ctx.saved_tensors
         grad = torch.empty_like(s_logits)
-        for s, e in _chunks(*s_logits.shape):
+        for s, e in _chunks(*s_logits.shape, s_logits.device):
             ls = s_logits[s:e].float() - lse_s[s:e, None]
             lt = t_logits[s:e].float() - lse_t[s:e, None]
             # d KL / d logits_s = p_s * (log p_s - log p_t - KL)

@@ -159,8 +159,9 @@ def run_case(cfg: SweepConfig, inputs, op: str, mode: str, impl: str, bw: Bandwi
     reason = impls.unavailable_reason(impl, cfg.device)
     if reason is None:
         need = impls.estimated_extra_bytes(impl, op, mode, T, V, elt)
-        free = (torch.cuda.mem_get_info(cfg.device)[0] if cfg.device.type == "cuda"
-                else psutil.virtual_memory().available)
+        free = (torch.cuda.mem_get_info(cfg.device)[0] + torch.cuda.memory_reserved(cfg.device)
+                - torch.cuda.memory_allocated(cfg.device)  # blocks torch's caching allocator holds are free to it
+                if cfg.device.type == "cuda" else psutil.virtual_memory().available)
         if need > 0.85 * free:
             reason = (f"needs ~{need / 2**30:.1f} GiB of temporaries, {free / 2**30:.1f} GiB free: skipped so the "
                       "sweep cannot run the machine out of memory")

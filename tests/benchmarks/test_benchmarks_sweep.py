@@ -99,7 +99,7 @@ def test_memory_meter_sees_a_known_allocation():
                                      ("opd_advantages", "fwd"), ("reverse_kl", "fwd"), ("reverse_kl", "fwd+bwd")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_baseline_is_right_across_chunk_borders(monkeypatch, op, mode, dtype):
-    monkeypatch.setattr(impls, "CHUNK_BYTES", 3 * 4 * 257)  # 3 rows per chunk: 11 rows = 4 chunks, one short
+    monkeypatch.setitem(impls.CHUNK_BYTES, "cpu", 3 * 4 * 257)  # 3 rows per chunk: 11 rows = 4 chunks, one short
     inputs = impls.make_inputs(11, 257, dtype, torch.device("cpu"), with_teacher=True, seed=3)
     for impl in ("chunked", "naive"):
         err, tol = impls.check(impl, op, mode, inputs, impls.build(impl, op, mode, inputs)(), rows=11)
