@@ -115,6 +115,11 @@ def test_targets_say_by_how_much_they_are_missed():
     assert got["vs naive >= 10"]["met"] is False and got["vs naive >= 10"]["missed_by"] == "2.00x short"
     assert got["vs best(chunked, compile) >= 1.5"]["value"] == 1.2
     assert got["vs best(chunked, compile) >= 1.5"]["missed_by"] == "1.25x short"
-    assert got["x floor <= 1.3"]["met"] is True
+    assert got["x read pass <= 1.3"]["met"] is True
     assert got["extra mem % logits < 1"]["missed_by"] == "3.00x over"
     assert len(got) == 4  # baseline rows get no verdicts
+    rec["rows"] = [{**row, "mode": "fwd+bwd"}]  # must also write the gradient: no read-pass target
+    assert {t["target"] for t in report.evaluate_targets(rec)} == set(got) - {"x read pass <= 1.3"}
+    gpu = {**row, "backend": "cuda", "T": 8192, "V": 151936, "dtype": "bf16", "pct_copy": 85.0}
+    verdicts = report.evaluate_targets({"machine": {"device": "cuda"}, "rows": [gpu, {**gpu, "T": 4096}]})
+    assert [(v["target"], v["met"], v["missed_by"]) for v in verdicts] == [("% copy >= 90", False, "1.06x short")]
