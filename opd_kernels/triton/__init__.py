@@ -2,10 +2,12 @@
 
 ``from opd_kernels import triton as tk; tk.logprob_fwd(...)``: same names, argument order and semantics as the
 C++/CUDA schemas, on CUDA tensors (or on CPU tensors when TRITON_INTERPRET=1 was set before this package was
-imported: Triton decides at kernel-definition time).
+imported: Triton decides at kernel-definition time). Also the optional fused OPD epilogues ``opd_sampled_fwd`` and
+``opd_full_fwd`` (one launch for ``opd_advantages``).
 """
 from ._common import interpreting
 from .kl import kl_bwd, kl_fwd
 from .logprob import logprob_bwd, logprob_fwd
+from .opd import opd_full_fwd, opd_sampled_fwd
 
-__all__ = ["interpreting", "kl_bwd", "kl_fwd", "logprob_bwd", "logprob_fwd"]
+__all__ = ["interpreting", "kl_bwd", "kl_fwd", "logprob_bwd", "logprob_fwd", "opd_full_fwd", "opd_sampled_fwd"]

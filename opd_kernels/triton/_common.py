@@ -1,16 +1,18 @@
 """Shared pieces of the Triton row kernels: input checks, row addressing, launch configs, online-softmax merges.
 
 Numerics used by every kernel (all in fp32):
-- Work in base 2: ``y = x * (inv_t * log2(e))`` so every exponential is one ``exp2`` (a single MUFU.EX2 on
-  NVIDIA GPUs). Results are converted back to natural units (``* ln 2``) once per row.
-- Online softmax state per row: ``m`` = running max of y, ``d = sum 2^(y - m)``. Rows or blocks that are entirely
+- Work in natural units on ``z = x * inv_t`` (exact when T = 1) and take every exponential as ``exp(z - m)``:
+  Triton emits one multiply + one MUFU.EX2 for it, and the log2(e) scaling rounds the small ``z - m`` rather
+  than z itself (a base-2 ``y = x * inv_t * log2(e)`` would round every logit, ~eps * |y| per element, which is
+  more than PyTorch's fp32 path loses at T = 1).
+- Online softmax state per row: ``m`` = running max of z, ``d = sum exp(z - m)``. Rows or blocks that are entirely
   ``-inf`` (vocabulary tail, masked/padded vocabulary) keep ``m = -inf``; every rescale factor is guarded
   (``_rescale``) so that ``-inf - -inf`` never produces NaN, while real NaN logits still reach ``d`` and
   therefore every output.
-- Entropy accumulator ``b = sum 2^(y - m) (y - m)``: entropy = ln2 * (log2 d - b / d); shifted by the running max
-  so large logits lose no precision.
-- KL accumulator ``a = sum 2^(ys - ms) ((ys - ms) - (yt - mt))``: KL = ln2 * (a / ds + log2(dt / ds)). Both
-  maxima cancel exactly, so student == teacher gives exactly 0 and near-identical rows keep ~1e-7 absolute error.
+- Entropy accumulator ``b = sum exp(z - m) (z - m)``: entropy = log d - b / d; shifted by the running max so
+  large logits lose no precision.
+- KL accumulator ``a = sum exp(zs - ms) ((zs - zt) - (ms - mt))``: KL = a / ds + log(dt / ds). Both maxima
+  cancel exactly, so student == teacher gives exactly 0; ``zs - zt`` is exact for near-identical rows.
 """
 from __future__ import annotations
 
@@ -22,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -84,13 +84,13 @@ def check_same_rows(xs: torch.Tensor, xt: torch.Tensor) -> None:
         raise ValueError(f"student logits are on {xs.device} but teacher logits on {xt.device}")
 
 
-def scale_of(inv_t: float) -> float:
-    """inv_t * log2(e), checked: a temperature must be finite and > 0. It becomes a tl.constexpr (one compiled
-    kernel per distinct temperature; a run uses one or two temperatures, and the multiply folds into the load)."""
+def checked_inv_t(inv_t: float) -> float:
+    """1 / T, checked: finite and > 0. It becomes a tl.constexpr: one compiled kernel per distinct temperature (a
+    run uses one or two), and at T = 1 the multiply disappears."""
     inv_t = float(inv_t)
     if not (math.isfinite(inv_t) and inv_t > 0.0):
         raise ValueError(f"inv_temperature must be finite and > 0, got {inv_t}")
-    return inv_t * LOG2E
+    return inv_t
 
 
 def check_device(x: torch.Tensor) -> None:
@@ -166,15 +166,15 @@ def split_block(split: int) -> int:
 
 @triton.jit
 def safe_max(m):
-    """The running max used as exponent reference: 0 instead of -inf, so 2^(y - ref) never sees -inf - -inf."""
+    """The running max used as exponent reference: 0 instead of -inf, so exp(z - ref) never sees -inf - -inf."""
     return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
 def rescale(m_old, m_new):
-    """2^(m_old - m_new) for the accumulators of a state whose max moves from m_old to m_new (>= m_old); 0 while
+    """exp(m_old - m_new) for the accumulators of a state whose max moves from m_old to m_new (>= m_old); 0 while
     the old state is empty (m_old = -inf), so an empty state never yields inf * 0."""
-    return tl.where(m_old == float("-inf"), 0.0, tl.exp2(m_old - safe_max(m_new)))
+    return tl.where(m_old == float("-inf"), 0.0, tl.exp(m_old - safe_max(m_new)))
 
 
 @triton.jit

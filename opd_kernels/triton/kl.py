@@ -3,7 +3,7 @@
 Design note (Hopper, memory-bound; numerics in _common.py):
 - Forward: grid (N,) (or (N, S) + a combine kernel when rows are few, as in logprob.py). Each program streams its
   student AND teacher rows together in BLOCK_V-column blocks, keeping both online-softmax states (ms, ds),
-  (mt, dt) and the KL accumulator a (5 fp32 scalars) in registers: one read of each row, 2 exp2 per column
+  (mt, dt) and the KL accumulator a (5 fp32 scalars) in registers: one read of each row, 2 exp per column
   pair, 3 block reductions per iteration (student max and teacher max share one step). Bytes moved:
   N*V*(elt_s + elt_t) + 16 B per row, i.e. the KL costs the same as reading both logit matrices once.
   The sampled token's student log-prob (when tokens is given) is one extra scalar load.
@@ -16,14 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN2, LOG2E, block_config, check_device, check_rows, check_same_rows, check_vocab, device_ctx,
-                      rescale, row_vector, safe_max, scale_of, split_block, split_config, token_logit)
+from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t, device_ctx,
+                      rescale, row_vector, safe_max, split_block, split_config, token_logit)
 
 
 @triton.jit
-def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online state over columns [lo, hi) of one student/teacher row pair, log2 units:
-    ms, ds = max / sum 2^(ys - ms); mt, dt likewise; a = sum 2^(ys - ms) ((ys - ms) - (yt - mt))."""
+def _kl_stats(s_row, t_row, lo, hi, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online state over columns [lo, hi) of one student/teacher row pair, z = x * inv_t:
+    ms, ds = max / sum exp(zs - ms); mt, dt likewise; a = sum exp(zs - ms) ((zs - zt) - (ms - mt))."""
     ms = tl.full((), float("-inf"), tl.float32)
     mt = tl.full((), float("-inf"), tl.float32)
     ds = tl.zeros((), tl.float32)
@@ -32,21 +32,20 @@ def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         ok = cols < hi
-        xs = tl.load(s_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-        xt = tl.load(t_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-        ys = xs * SCALE
-        yt = xt * SCALE
+        ys = tl.load(s_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * INV_T
+        yt = tl.load(t_row + cols, mask=ok, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * INV_T
         ms_new = tl.maximum(ms, tl.max(ys, 0))
         mt_new = tl.maximum(mt, tl.max(yt, 0))
         ref_s = safe_max(ms_new)
         ref_t = safe_max(mt_new)
         alpha_s = rescale(ms, ms_new)
-        es = tl.exp2(ys - ref_s)
-        et = tl.exp2(yt - ref_t)
+        es = tl.exp(ys - ref_s)
+        et = tl.exp(yt - ref_t)
         # a's terms are relative to (ms, mt); moving the references shifts each term by the same amount.
         shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
-        # (xs - xt) first: exact for near-identical rows (Sterbenz), so tiny KLs keep their relative precision.
-        term = (xs - xt) * SCALE - (ref_s - ref_t)
+        # (zs - zt) first: exact for near-identical rows (Sterbenz), so tiny KLs keep their precision; and it uses
+        # the same rounded z as es / et, so the identity behind a / ds + log(dt / ds) holds for the computed values.
+        term = (ys - yt) - (ref_s - ref_t)
         a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) + tl.sum(tl.where(es == 0, 0.0, es * term), 0)
         ds = ds * alpha_s + tl.sum(es, 0)
         dt = dt * rescale(mt, mt_new) + tl.sum(et, 0)
@@ -57,21 +56,21 @@ def _kl_stats(s_row, t_row, lo, hi, SCALE: tl.constexpr, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
-               ignore_index, SCALE: tl.constexpr, HAS_TOKENS: tl.constexpr):
-    # log2(dt / ds) rather than log2 dt - log2 ds: one rounding instead of two O(log V) ones (near-equal rows).
-    tl.store(kl_ptr + row, (a / ds + tl.log2(dt / ds)) * LN2)
-    lse2_s = ms + tl.log2(ds)
-    tl.store(lses_ptr + row, lse2_s * LN2)
-    tl.store(lset_ptr + row, (mt + tl.log2(dt)) * LN2)
+               ignore_index, INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr):
+    # log(dt / ds) rather than log dt - log ds: one rounding instead of two O(log V) ones (near-equal rows).
+    tl.store(kl_ptr + row, a / ds + tl.log(dt / ds))
+    lse_s = ms + tl.log(ds)
+    tl.store(lses_ptr + row, lse_s)
+    tl.store(lset_ptr + row, mt + tl.log(dt))
     if HAS_TOKENS:
         in_shard, valid, x_tok = token_logit(s_row, tok_ptr, row, V, vocab_start, ignore_index)
-        tl.store(logp_ptr + row, tl.where(in_shard, (x_tok * SCALE - lse2_s) * LN2, 0.0))
+        tl.store(logp_ptr + row, tl.where(in_shard, x_tok * INV_T - lse_s, 0.0))
 
 
 @triton.jit
 def _kl_fwd_kernel(s_ptr, t_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, part_ptr,
                    V, s_stride_r, t_stride_r, vocab_start, ignore_index,
-                   chunk, SCALE: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT: tl.constexpr,
+                   chunk, INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT: tl.constexpr,
                    BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride_r
@@ -79,7 +78,7 @@ def _kl_fwd_kernel(s_ptr, t_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, 
     if SPLIT:
         s = tl.program_id(1)
         lo = s * chunk
-        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, lo, tl.minimum(lo + chunk, V), SCALE, BLOCK_V)
+        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, lo, tl.minimum(lo + chunk, V), INV_T, BLOCK_V)
         part = part_ptr + (row * tl.num_programs(1) + s) * 5
         tl.store(part, ms)
         tl.store(part + 1, ds)
@@ -87,15 +86,15 @@ def _kl_fwd_kernel(s_ptr, t_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, 
         tl.store(part + 3, dt)
         tl.store(part + 4, a)
     else:
-        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, 0, V, SCALE, BLOCK_V)
+        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, 0, V, INV_T, BLOCK_V)
         _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
-                   ignore_index, SCALE, HAS_TOKENS)
+                   ignore_index, INV_T, HAS_TOKENS)
 
 
 @triton.jit
 def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, part_ptr, n_split,
                        V, s_stride_r, vocab_start, ignore_index,
-                       SCALE: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                       INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, SPLIT_BLOCK)
     part = part_ptr + (row * n_split + offs) * 5
@@ -114,13 +113,13 @@ def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, par
     a = tl.sum(tl.where(sc_s > 0, sc_s * (a_i + shift * ds_i), 0.0), 0)
     s_row = s_ptr + row * s_stride_r
     _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
-               ignore_index, SCALE, HAS_TOKENS)
+               ignore_index, INV_T, HAS_TOKENS)
 
 
 @triton.jit
 def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
                    V, s_stride_r, t_stride_r,
-                   SCALE: tl.constexpr, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
+                   INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
     """grad_xs = inv_t * g * p_s * (log p_s - log p_t - KL); p_s == 0 (a -inf logit) gives 0, NaN stays NaN."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -133,11 +132,11 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     kl = tl.load(kl_ptr + row).to(tl.float32)
     # Rows with a zero upstream gradient (masked rows) are not read and get exact zeros, even with NaN logits.
     active = cols < tl.where(g != 0.0, V, 0)
-    xs = tl.load(s_row + cols, mask=active, other=float("-inf")).to(tl.float32)
-    xt = tl.load(t_row + cols, mask=active, other=float("-inf")).to(tl.float32)
-    p = tl.exp2(xs * SCALE - lse_s * LOG2E)
+    zs = tl.load(s_row + cols, mask=active, other=float("-inf")).to(tl.float32) * INV_T
+    zt = tl.load(t_row + cols, mask=active, other=float("-inf")).to(tl.float32) * INV_T
+    p = tl.exp(zs - lse_s)
     # log p_s - log p_t from the differences (exact for near-identical rows), not from two O(lse) log-probs.
-    diff = (xs - xt) * INV_T - (lse_s - lse_t)
+    diff = (zs - zt) - (lse_s - lse_t)
     grad = tl.where(p == 0, 0.0, p * (diff - kl) * (g * INV_T))
     grad = tl.where(active, grad, 0.0)
     tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
@@ -151,7 +150,7 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
     check_vocab(N, V, "student logits")
     has_tok = tokens is not None
     tokens = row_vector(tokens, N, xs.device, "tokens", integer=True)
-    scale = scale_of(inv_t)
+    inv_t = checked_inv_t(inv_t)
     f32 = dict(device=xs.device, dtype=torch.float32)
     kl, lse_s, lse_t = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
     logp = torch.empty(N if has_tok else 0, **f32)
@@ -161,7 +160,7 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
     n_split, chunk = split_config(xs, N, V, block_v, split)
     tok_arg, logp_arg = (tokens, logp) if has_tok else (lse_s, kl)  # dummies: never read when HAS_TOKENS=False
     common = dict(V=V, s_stride_r=ssr, vocab_start=int(vocab_start),
-                  ignore_index=int(ignore_index), SCALE=scale, HAS_TOKENS=has_tok)
+                  ignore_index=int(ignore_index), INV_T=inv_t, HAS_TOKENS=has_tok)
     with device_ctx(xs):
         if n_split == 1:
             _kl_fwd_kernel[(N, 1)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, kl, t_stride_r=tsr,
@@ -203,5 +202,5 @@ def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, 
     with device_ctx(student):
         _kl_bwd_kernel[(N, triton.cdiv(V, block_v))](
             student, teacher, grad_kl, lse_s, lse_t, kl, out, V, ssr, tsr,
-            SCALE=scale_of(inv_temperature), INV_T=float(inv_temperature), BLOCK_V=block_v, num_warps=warps)
+            INV_T=checked_inv_t(inv_temperature), BLOCK_V=block_v, num_warps=warps)
     return out

@@ -11,7 +11,7 @@ Design note (Hopper, memory-bound; see _common.py for the numerics):
 - Backward: purely elementwise once the global lse (and entropy) are known, so grid (N, ceil(V / BLOCK_V)):
   no loop, no reduction, one read of x and one write of grad_x (2 * N*V*elt bytes). Ignored rows (token ==
   ignore_index, e.g. padding or the LM-shift gap rows) are not read in either direction.
-Temperature is a compile-time constant (SCALE = inv_t * log2 e), offsets are int64, the vocabulary tail is masked
+Temperature is a compile-time constant (INV_T), offsets are int64, the vocabulary tail is masked
 (loaded as -inf, so it adds exactly 0 to every sum).
 """
 from __future__ import annotations
@@ -20,24 +20,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LN2, LOG2E, block_config, check_device, check_rows, check_vocab, device_ctx, rescale,
-                      row_vector, safe_max, scale_of, split_block, split_config, token_logit)
+from ._common import (block_config, check_device, check_rows, check_vocab, checked_inv_t, device_ctx, rescale,
+                      row_vector, safe_max, split_block, split_config, token_logit)
 
 
 @triton.jit
-def _logprob_stats(x_row, lo, hi, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online softmax over columns [lo, hi) of one row: (m, d, b) in log2 units (b = 0 unless WITH_ENTROPY)."""
+def _logprob_stats(x_row, lo, hi, INV_T: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online softmax over columns [lo, hi) of one row: (m, d, b) of z = x * inv_t (b = 0 unless WITH_ENTROPY)."""
     m = tl.full((), float("-inf"), tl.float32)
     d = tl.zeros((), tl.float32)
     b = tl.zeros((), tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         y = tl.load(x_row + cols, mask=cols < hi, other=float("-inf"),
-                    eviction_policy="evict_first").to(tl.float32) * SCALE
+                    eviction_policy="evict_first").to(tl.float32) * INV_T
         m_new = tl.maximum(m, tl.max(y, 0))
         ref = safe_max(m_new)
         alpha = rescale(m, m_new)
-        e = tl.exp2(y - ref)
+        e = tl.exp(y - ref)
         if WITH_ENTROPY:
             # b is relative to the running max: moving the max by (m - ref) shifts every term by that much.
             b = alpha * (b + tl.where(alpha > 0, (safe_max(m) - ref) * d, 0.0)) \
@@ -49,20 +49,20 @@ def _logprob_stats(x_row, lo, hi, SCALE: tl.constexpr, WITH_ENTROPY: tl.constexp
 
 @triton.jit
 def _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
-                    SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr):
-    lse2 = m + tl.log2(d)
+                    INV_T: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    lse = m + tl.log(d)
     in_shard, valid, x_tok = token_logit(x_row, tok_ptr, row, V, vocab_start, ignore_index)
-    tl.store(lse_ptr + row, tl.where(valid, lse2 * LN2, 0.0))  # ignored rows were not read (lse unspecified)
-    tl.store(logp_ptr + row, tl.where(in_shard, (x_tok * SCALE - lse2) * LN2, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))  # ignored rows were not read (lse unspecified)
+    tl.store(logp_ptr + row, tl.where(in_shard, x_tok * INV_T - lse, 0.0))
     if WITH_ENTROPY:
-        ent = (tl.log2(d) - b / d) * LN2
+        ent = tl.log(d) - b / d
         tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
 
 
 @triton.jit
 def _logprob_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr,
                         V, stride_r, vocab_start, ignore_index, chunk,
-                        SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
+                        INV_T: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT: tl.constexpr,
                         BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_r
@@ -70,21 +70,21 @@ def _logprob_fwd_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr,
     if SPLIT:
         s = tl.program_id(1)
         lo = s * chunk
-        m, d, b = _logprob_stats(x_row, lo, tl.minimum(lo + chunk, n_cols), SCALE, WITH_ENTROPY, BLOCK_V)
+        m, d, b = _logprob_stats(x_row, lo, tl.minimum(lo + chunk, n_cols), INV_T, WITH_ENTROPY, BLOCK_V)
         part = part_ptr + (row * tl.num_programs(1) + s) * 3
         tl.store(part, m)
         tl.store(part + 1, d)
         tl.store(part + 2, b)
     else:
-        m, d, b = _logprob_stats(x_row, 0, n_cols, SCALE, WITH_ENTROPY, BLOCK_V)
+        m, d, b = _logprob_stats(x_row, 0, n_cols, INV_T, WITH_ENTROPY, BLOCK_V)
         _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
-                        SCALE, WITH_ENTROPY)
+                        INV_T, WITH_ENTROPY)
 
 
 @triton.jit
 def _logprob_combine_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr, n_split,
                             V, stride_r, vocab_start, ignore_index,
-                            SCALE: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+                            INV_T: tl.constexpr, WITH_ENTROPY: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """Merges the n_split partial states of one row (same algebra as one online-softmax step) and finishes it."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, SPLIT_BLOCK)
@@ -99,13 +99,13 @@ def _logprob_combine_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr
     b = tl.sum(tl.where(scale > 0, scale * (b_i + (m_i - safe_max(m)) * d_i), 0.0), 0)
     x_row = x_ptr + row * stride_r
     _logprob_finish(x_row, tok_ptr, logp_ptr, ent_ptr, lse_ptr, row, m, d, b, V, vocab_start, ignore_index,
-                    SCALE, WITH_ENTROPY)
+                    INV_T, WITH_ENTROPY)
 
 
 @triton.jit
 def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, out_ptr,
                         V, stride_r, vocab_start, ignore_index,
-                        SCALE: tl.constexpr, INV_T: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                        INV_T: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                         BLOCK_V: tl.constexpr):
     """grad_x = inv_t * (g * (onehot - p) - g_H * p * (log p + H)), p = exp(x inv_t - lse); 0 on ignored rows."""
     row = tl.program_id(0).to(tl.int64)
@@ -114,17 +114,18 @@ def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, o
     x_row = x_ptr + row * stride_r
     tok = tl.load(tok_ptr + row)
     valid = tok != ignore_index
-    lse2 = tl.load(lse_ptr + row).to(tl.float32) * LOG2E
+    lse = tl.load(lse_ptr + row).to(tl.float32)
     g = tl.load(glogp_ptr + row).to(tl.float32)
-    y = tl.load(x_row + cols, mask=cols < tl.where(valid, V, 0), other=float("-inf")).to(tl.float32) * SCALE  # ignored: no read
-    logp2 = y - lse2
-    p = tl.exp2(logp2)
+    ignored_or_tail = cols >= tl.where(valid, V, 0)  # ignored rows are not read
+    z = tl.load(x_row + cols, mask=~ignored_or_tail, other=float("-inf")).to(tl.float32) * INV_T
+    logp = z - lse
+    p = tl.exp(logp)
     # (onehot - p) in fp32: the target's 1 - p keeps its precision for confident rows.
     grad = g * (tl.where(cols == tok - vocab_start, 1.0, 0.0) - p)
     if HAS_ENTROPY:
         g_h = tl.load(gent_ptr + row).to(tl.float32)
         ent = tl.load(ent_ptr + row).to(tl.float32)
-        grad -= g_h * tl.where(p == 0, 0.0, p * (logp2 * LN2 + ent))
+        grad -= g_h * tl.where(p == 0, 0.0, p * (logp + ent))
     grad = tl.where(valid, grad * INV_T, 0.0)
     tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -134,7 +135,7 @@ def _fwd(x, tokens, inv_t, vocab_start, ignore_index, with_entropy, split=None):
     N, V, sr = check_rows(x, "logits")
     check_vocab(N, V, "logits")
     tokens = row_vector(tokens, N, x.device, "tokens", integer=True)
-    scale = scale_of(inv_t)
+    inv_t = checked_inv_t(inv_t)
     logp = torch.empty(N, device=x.device, dtype=torch.float32)
     lse = torch.empty(N, device=x.device, dtype=torch.float32)
     ent = torch.empty(N if with_entropy else 0, device=x.device, dtype=torch.float32)
@@ -143,7 +144,7 @@ def _fwd(x, tokens, inv_t, vocab_start, ignore_index, with_entropy, split=None):
     block_v, warps = block_config(x)
     n_split, chunk = split_config(x, N, V, block_v, split)
     common = dict(V=V, stride_r=sr, vocab_start=int(vocab_start),
-                  ignore_index=int(ignore_index), SCALE=scale, WITH_ENTROPY=bool(with_entropy))
+                  ignore_index=int(ignore_index), INV_T=inv_t, WITH_ENTROPY=bool(with_entropy))
     ent_arg = ent if with_entropy else logp  # never touched when WITH_ENTROPY is False
     with device_ctx(x):
         if n_split == 1:
@@ -192,6 +193,6 @@ def logprob_bwd(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Ten
     with device_ctx(logits):
         _logprob_bwd_kernel[(N, triton.cdiv(V, block_v))](
             logits, tokens, grad_logp, grad_entropy if has_ent else lse, lse, entropy, out,
-            V, sr, int(vocab_start), int(ignore_index), SCALE=scale_of(inv_temperature),
-            INV_T=float(inv_temperature), HAS_ENTROPY=has_ent, BLOCK_V=block_v, num_warps=warps)
+            V, sr, int(vocab_start), int(ignore_index), INV_T=checked_inv_t(inv_temperature), HAS_ENTROPY=has_ent,
+            BLOCK_V=block_v, num_warps=warps)
     return out

@@ -414,3 +414,72 @@ def test_bad_input_raises_clear_errors(monkeypatch):
         monkeypatch.setattr(_common, "_INTERPRETED", False)
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
             tk.logprob_fwd(x, tok, 1.0, 0, IGNORE, False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fused OPD epilogues
+# ------------------------------------------------------------------------------------------------------------
+
+def _sampled_kl(d, kind):
+    return d if kind == 1 else 0.5 * d * d if kind == 2 else torch.expm1(-d) + d
+
+
+def _epilogue_inputs(n, v, dtype, seed):
+    x = make_logits(n, v, dtype, "peaked", seed)
+    tok = make_tokens(n, v, seed)
+    tok[1], tok[2] = -1, v  # out-of-vocabulary ids: logp = 0, never read
+    g = torch.Generator().manual_seed(seed + 5)
+    adv = torch.randn(n, generator=g)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[3] = False
+    x[3] = float("nan")  # a masked row is not read: its NaN leaks nowhere
+    return x, tok, adv.to(DEV), mask.to(DEV)
+
+
+@pytest.mark.parametrize("kind", [1, 2, 3])
+def test_opd_sampled_fwd_matches_float64(kind):
+    n, v, coef, inv_t = 6, 50257, 0.7, 1 / 0.8
+    x, tok, adv, mask = _epilogue_inputs(n, v, torch.bfloat16, seed=21)
+    keep = mask.cpu()
+    lp64 = torch.where(keep, contract_logprob(x.cpu(), tok.cpu(), inv_t)[0], 0.0)
+    lp32 = torch.where(keep, contract_logprob(x.cpu(), tok.cpu(), inv_t, dtype=torch.float32)[0], 0.0)
+    # teacher log-probs 1e-5 away from the student's: k3 ~ 5e-11 must not drown in cancellation
+    tlp = (lp64 - 1e-5 * torch.arange(1, n + 1)).float()
+    adv_out, kl, logp = tk.opd_sampled_fwd(x, tok, adv, tlp.to(DEV), mask, coef, inv_t, kind)
+    check_2x(logp.cpu(), lp64, lp32, "logp")
+    # The epilogue itself is exact up to the final fp32 rounding: k and A - coef * k from the kernel's own logp
+    # (fp64 math; k3 of d ~ 1e-5 keeps full relative precision, where fp32 expm1(-d) + d would lose ~1e-2).
+    k_own = torch.where(keep, _sampled_kl(logp.cpu().double() - tlp.double(), kind), 0.0)
+    torch.testing.assert_close(kl.cpu().double(), k_own, rtol=2 * EPS32, atol=1e-30)
+    torch.testing.assert_close(adv_out.cpu().double(), adv.cpu().double() - coef * k_own, rtol=2 * EPS32, atol=1e-30)
+    assert logp[1].item() == logp[2].item() == 0.0
+    assert kl[3].item() == 0.0 and adv_out[3].item() == adv[3].item()  # masked: advantage kept
+    no_mask = tk.opd_sampled_fwd(x[keep.to(DEV)], tok[keep.to(DEV)], adv[keep.to(DEV)], tlp[keep].to(DEV), None,
+                                 coef, inv_t, kind)
+    assert torch.equal(no_mask[1], kl[keep.to(DEV)])
+
+
+def test_opd_full_fwd_matches_float64():
+    n, v, coef, inv_t = 6, 32000, 1.5, 1.0
+    x, tok, adv, mask = _epilogue_inputs(n, v, torch.float32, seed=22)
+    xt = (x + 0.05 * torch.randn(n, v, generator=torch.Generator().manual_seed(1)).to(DEV)).to(torch.bfloat16)
+    keep = mask.cpu()
+    adv_out, kl, logp = tk.opd_full_fwd(x, xt, tok, adv, mask, coef, inv_t)
+    xs_c, xt_c = x.cpu()[keep], xt.cpu()[keep]
+    k64, k32 = contract_kl(xs_c, xt_c, inv_t), contract_kl(xs_c, xt_c, inv_t, torch.float32)
+    check_2x(kl.cpu()[keep], k64, k32, "kl")
+    check_2x(logp.cpu()[keep], contract_logprob(xs_c, tok.cpu()[keep], inv_t)[0],
+             contract_logprob(xs_c, tok.cpu()[keep], inv_t, dtype=torch.float32)[0], "logp")
+    check_2x(adv_out.cpu()[keep], adv.cpu()[keep].double() - coef * k64, adv.cpu()[keep] - coef * k32, "adv")
+    assert kl[3].item() == logp[3].item() == 0.0 and adv_out[3].item() == adv[3].item()
+    assert torch.equal(tk.kl_fwd(x[keep.to(DEV)], xt[keep.to(DEV)], None, inv_t, 0, IGNORE)[0], kl[keep.to(DEV)])
+
+
+def test_opd_epilogue_bad_input():
+    x, tok, adv, mask = _epilogue_inputs(4, 10, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="kl_kind"):
+        tk.opd_sampled_fwd(x, tok, adv, adv, None, 1.0, 1.0, 4)
+    with pytest.raises(TypeError, match="bool"):
+        tk.opd_sampled_fwd(x, tok, adv, adv, mask.float(), 1.0, 1.0, 1)
+    with pytest.raises(ValueError, match="advantages"):
+        tk.opd_full_fwd(x, x, tok, adv[:2], None, 1.0, 1.0)
