@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from .sampling import BatchSampler
 from .types import SeqRequest, SeqResult
-from .weights import load_state_from_disk
+from .weights import apply_state, load_state_from_disk
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,6 +98,13 @@ class ModelRunner:
         """Swap in the weights of an HF safetensors directory; on any error the current weights stay."""
         load_state_from_disk(self.model, self.config, model_path)
         self.model_path = model_path
+        if weight_version is not None:
+            self.weight_version = weight_version
+
+    def load_weights_from_tensors(self, named_tensors: dict[str, torch.Tensor],
+                                  weight_version: str | None = None) -> None:
+        """Same as :meth:`load_weights_from_disk` for in-process callers that hold the tensors."""
+        apply_state(self.model, dict(named_tensors))
         if weight_version is not None:
             self.weight_version = weight_version
 

@@ -32,7 +32,6 @@ from .scheduler import Scheduler
 from .types import SamplingSpec, SeqRequest
 from .weights import WeightUpdateError
 
-log = logging.getLogger(__name__)
 ENGINE_VERSION = "opd-cpu-engine 0.1 (SGLang 0.5.23 /generate subset)"
 _FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
                "requests, the operation will not be performed.)\n")
@@ -69,6 +68,13 @@ def create_app(state: EngineState) -> FastAPI:
         except Exception as exc:  # the engine thread reported a failure for this batch; the server stays up
             return _json({"error": {"message": f"engine error: {type(exc).__name__}: {exc}"}}, 500)
         return _json(build_generate_response(parsed, results, started))
+
+    _add_control_routes(app, state)
+    return app
+
+
+def _add_control_routes(app: FastAPI, state: EngineState) -> None:
+    scheduler = state.scheduler
 
     @app.get("/health")
     async def health() -> Response:
@@ -111,8 +117,6 @@ def create_app(state: EngineState) -> FastAPI:
     async def continue_generation() -> Response:
         scheduler.resume()
         return _json({"message": "Generation continued successfully.", "status": "ok"})
-
-    return app
 
 
 async def _update_weights(state: EngineState, request: Request) -> Response:
@@ -252,6 +256,11 @@ class ServerHandle:
     url: str
     _server: _Server
     _thread: threading.Thread
+
+    def update_weights_from_tensors(self, named_tensors: dict, weight_version: str | None = None) -> None:
+        """In-process weight update (no disk round trip); waits like the HTTP update for running generations."""
+        self.state.scheduler.run_exclusive(
+            lambda: self.state.runner.load_weights_from_tensors(named_tensors, weight_version)).result()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._server.should_exit = True

@@ -19,7 +19,6 @@ T=1; anything else is refused at construction.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -31,7 +30,6 @@ from ..rollout.engines.http import AsyncHTTP, InvalidResponse, RetryPolicy
 from ..rollout.engines.sglang import validate_ids
 from .base import Teacher, TeacherScores
 
-log = logging.getLogger(__name__)
 
 
 def generate_url(url: str) -> str:

@@ -170,3 +170,47 @@ def test_server_info_subset(engine):
     extensions = {"vocab_size", "num_threads"}
     assert status == 200 and set(body) - extensions <= set(cap)
     assert body["vocab_size"] == 1000 and body["skip_tokenizer_init"] is True and math.isfinite(body["port"])
+
+
+# Behaviours the fixture README describes for captures kept back for acceptance checks.
+IDS = capture("score_single_start0")["request"]["input_ids"]
+B2, B3 = capture("score_batch")["request"]["input_ids"][1:]
+P1, P2 = capture("generate_batch_sampled")["request"]["input_ids"]
+
+
+def test_batch_with_per_item_start_list(engine):
+    status, body = post(engine.url + "/generate", {"input_ids": [IDS, B2, B3], "return_logprob": True,
+                                                   "logprob_start_len": [0, 3, 5],
+                                                   "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}})
+    assert status == 200 and [len(b["meta_info"]["input_token_logprobs"]) for b in body] == [24, 7, 12]
+    assert all(b["meta_info"]["input_token_logprobs"][0][0] is None for b in body)
+    _, whole = post(engine.url + "/generate", capture("score_batch")["request"])
+    for b, w, k in zip(body, whole, [0, 3, 5]):                 # same values as the start-0 batch, shifted
+        assert [e[0] for e in b["meta_info"]["input_token_logprobs"][1:]] == \
+            [e[0] for e in w["meta_info"]["input_token_logprobs"][k + 1:]]
+
+
+def test_batch_per_item_top_logprobs_list(engine):
+    status, body = post(engine.url + "/generate", {"input_ids": [IDS, B2], "return_logprob": True,
+                                                   "logprob_start_len": 0, "top_logprobs_num": [2, 0],
+                                                   "token_ids_logprob": [[1, 2], [3]],
+                                                   "sampling_params": {"max_new_tokens": 0}})
+    first, second = body[0]["meta_info"], body[1]["meta_info"]
+    assert status == 200 and "input_top_logprobs" in first and "output_top_logprobs" in first
+    assert "input_top_logprobs" not in second and "output_top_logprobs" not in second
+    assert first["input_top_logprobs"][0] is None and len(first["input_top_logprobs"][1]) == 2
+    assert [e[1] for e in second["input_token_ids_logprobs"][1]] == [3]
+    assert [e[1] for e in first["input_token_ids_logprobs"][1]] == [1, 2]
+
+
+def test_repeated_prompts_are_independent_samples_in_request_order(engine):
+    status, body = post(engine.url + "/generate", {"input_ids": [P1, P1, P2, P2], "return_logprob": True,
+                                                   "sampling_params": {"max_new_tokens": 8, "temperature": 1.0}})
+    assert status == 200 and [b["meta_info"]["prompt_tokens"] for b in body] == [8, 8, 6, 6]
+    assert body[0]["output_ids"] != body[1]["output_ids"]
+
+
+def test_oob_id_inside_a_batch_is_refused_naming_the_item(engine):
+    status, body = post(engine.url + "/generate", {"input_ids": [IDS, B2, [17, 250, 1000, 42]],
+                                                   "sampling_params": {"max_new_tokens": 0}})
+    assert status == 400 and "input_ids[2][2] = 1000" in body["error"]["message"]

@@ -96,3 +96,12 @@ def test_update_waits_for_running_generation(fresh):
     gen_status, gen = results["gen"]
     assert gen_status == 200 and gen["meta_info"]["weight_version"] == "default"
     assert len(gen["output_ids"]) == 200
+
+
+def test_in_process_update_from_tensors(fresh, hf_v2):
+    from safetensors.torch import load_file
+    fresh.update_weights_from_tensors(load_file(f"{MODEL_V2}/model.safetensors"), weight_version="t2")
+    after, meta = _scores(fresh.url)
+    assert (after - _ref(hf_v2)).abs().max() <= 1e-5 and meta["weight_version"] == "t2"
+    with pytest.raises(ValueError, match="lacks tensors"):
+        fresh.update_weights_from_tensors({"model.norm.weight": torch.ones(64)})
