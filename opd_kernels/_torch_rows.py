@@ -1,19 +1,18 @@
 """The ``torch`` row backend: the row-kernel contract (``opd_kernels/ops/README.md``) in plain PyTorch.
 
-Row-chunked so that the fp32 temporaries stay ~8 MiB whatever the number of rows (a whole [N, V] fp32 copy
+Row-chunked so that the fp32 temporaries stay ~4 MiB whatever the number of rows (a whole [N, V] fp32 copy
 of bf16 logits at N=8192, V=151936 would be 5 GB). This is the fallback on machines without the compiled
 library and the "row-chunked torch" benchmark baseline; the float64 oracle is ``ops/*_reference``.
-
-Numerics match the compiled kernels: everything is relative to the row max ``m`` (s = sum exp(z - m),
-lse = m + log s), and the entropy / KL are formed from max-relative terms (``H = log s - sum e (z - m) / s``)
-instead of ``lse - sum p z``, which would cancel two numbers of size |lse| for confident rows. Columns with
-``z = -inf`` have p = 0 and contribute nothing (p * log p := 0); NaN or +inf logits make the row NaN.
+Numerics are those of PyTorch's ``log_softmax`` (log p = (z - m) - log sum e^(z - m), m = row max), so a
+confident row's log-probability keeps its relative accuracy instead of inheriting an error of eps * |lse|.
+Columns with ``z = -inf`` have p = 0 and contribute nothing (p * log p := 0); a NaN or +inf logit makes the
+row NaN.
 """
 from __future__ import annotations
 
 import torch
 
-_CHUNK_ELEMENTS = 1 << 21  # fp32 elements per temporary (8 MiB)
+_CHUNK_ELEMENTS = 1 << 20  # fp32 elements per temporary (4 MiB)
 
 
 def _chunks(rows: int, vocab: int):
@@ -22,18 +21,31 @@ def _chunks(rows: int, vocab: int):
         yield slice(start, min(rows, start + step))
 
 
-def _max_relative(z: torch.Tensor):
-    """(m, z - m, e = exp(z - m), s = sum e) per row; an all -inf row gets m = 0 so that e = 0, not NaN."""
-    m = z.amax(-1, keepdim=True)  # (c, 1)
+def _scaled(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    z = x.float()
+    return z * inv_temperature if inv_temperature != 1.0 else z
+
+
+def _log_softmax(z: torch.Tensor):
+    """(log p [c, V], lse = m + log s [c] in float64) with m the row max (0 for an all -inf row)."""
+    m = z.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
     zm = z - m  # (c, V)
-    e = torch.exp(zm)
-    return m.squeeze(-1), zm, e, e.sum(-1)
+    log_s = torch.log(torch.exp(zm).sum(-1, keepdim=True))
+    return zm - log_s, (m.double() + log_s.double()).squeeze(-1)
 
 
-def _xlogx_sum(e: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum_v e_v * y_v, with terms where e == 0 dropped (y may be -inf there)."""
-    return torch.where(e > 0, e * y, torch.zeros_like(e)).sum(-1)
+def _minus_lse(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """log p = z - lse with the float64 lse split into fp32 hi + lo: z - hi is exact near the row max, so a
+    confident row's p ~ 1 (and 1 - p) keeps its accuracy."""
+    hi = lse.float()
+    lo = (lse - hi.double()).float()
+    return (z - hi.unsqueeze(-1)) - lo.unsqueeze(-1)
+
+
+def _plogp_sum(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v * log_p_v with the p == 0 terms dropped (log_p may be -inf there); NaN stays NaN."""
+    return torch.where(p != 0, p * log_p, torch.zeros_like(p)).sum(-1)
 
 
 def _local_token(tokens, vocab_start: int, vocab: int, ignore_index: int):
@@ -43,25 +55,22 @@ def _local_token(tokens, vocab_start: int, vocab: int, ignore_index: int):
     return owned, torch.where(owned, col, torch.zeros_like(col))
 
 
-def _token_logp(z, lse, tokens, vocab_start, ignore_index):
-    owned, col = _local_token(tokens, vocab_start, z.shape[-1], ignore_index)
-    picked = z.gather(-1, col.unsqueeze(-1)).squeeze(-1) - lse
+def _token_logp(log_p, tokens, vocab_start, ignore_index):
+    owned, col = _local_token(tokens, vocab_start, log_p.shape[-1], ignore_index)
+    picked = log_p.gather(-1, col.unsqueeze(-1)).squeeze(-1)
     return torch.where(owned, picked, torch.zeros_like(picked))
 
 
 def logprob_fwd(x, tokens, inv_temperature: float, vocab_start: int, ignore_index: int, with_entropy: bool):
     n, vocab = x.shape
     logp = x.new_zeros(n, dtype=torch.float32)
-    lse = x.new_zeros(n, dtype=torch.float32)
+    lse = x.new_zeros(n, dtype=torch.float64)
     entropy = x.new_zeros(n if with_entropy else 0, dtype=torch.float32)
     for rows in _chunks(n, vocab):
-        z = x[rows].float() * inv_temperature  # (c, V)
-        m, zm, e, s = _max_relative(z)
-        log_s = torch.log(s)
-        lse[rows] = m + log_s
-        logp[rows] = _token_logp(z, lse[rows], tokens[rows], vocab_start, ignore_index)
+        log_p, lse[rows] = _log_softmax(_scaled(x[rows], inv_temperature))  # (c, V)
+        logp[rows] = _token_logp(log_p, tokens[rows], vocab_start, ignore_index)
         if with_entropy:
-            h = log_s - _xlogx_sum(e, zm) / s
+            h = -_plogp_sum(torch.exp(log_p), log_p)
             entropy[rows] = torch.where(tokens[rows] != ignore_index, h, torch.zeros_like(h))
     return logp, entropy, lse
 
@@ -71,14 +80,14 @@ def logprob_bwd(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperatur
     n, vocab = x.shape
     grad = torch.empty((n, vocab), dtype=x.dtype, device=x.device)
     for rows in _chunks(n, vocab):
-        logp_all = x[rows].float() * inv_temperature - lse[rows].unsqueeze(-1)  # (c, V)
+        logp_all = _minus_lse(_scaled(x[rows], inv_temperature), lse[rows])  # (c, V)
         p = torch.exp(logp_all)
         g_lp = grad_logp[rows].unsqueeze(-1)
         g = -g_lp * p
         owned, col = _local_token(tokens[rows], vocab_start, vocab, ignore_index)
         g.scatter_add_(-1, col.unsqueeze(-1), torch.where(owned.unsqueeze(-1), g_lp, torch.zeros_like(g_lp)))
         if grad_entropy is not None:
-            term = torch.where(p > 0, p * (logp_all + entropy[rows].unsqueeze(-1)), torch.zeros_like(p))
+            term = torch.where(p != 0, p * (logp_all + entropy[rows].unsqueeze(-1)), torch.zeros_like(p))
             g = g - grad_entropy[rows].unsqueeze(-1) * term
         keep = (tokens[rows] != ignore_index).unsqueeze(-1)
         grad[rows] = torch.where(keep, g * inv_temperature, torch.zeros_like(g))
@@ -88,18 +97,14 @@ def logprob_bwd(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperatur
 def kl_fwd(student, teacher, tokens, inv_temperature: float, vocab_start: int, ignore_index: int):
     n, vocab = student.shape
     kl = student.new_zeros(n, dtype=torch.float32)
-    lse_s, lse_t = torch.zeros_like(kl), torch.zeros_like(kl)
+    lse_s, lse_t = torch.zeros_like(kl, dtype=torch.float64), torch.zeros_like(kl, dtype=torch.float64)
     logp = student.new_zeros(n if tokens is not None else 0, dtype=torch.float32)
     for rows in _chunks(n, vocab):
-        zs = student[rows].float() * inv_temperature
-        ms, zms, es, ss = _max_relative(zs)
-        mt, zmt, _, st = _max_relative(teacher[rows].float() * inv_temperature)
-        # KL = sum p_s ((zs - ms) - (zt - mt)) - log ss + log st: every term is O(log V), nothing of size |lse|
-        kl[rows] = _xlogx_sum(es, zms - zmt) / ss - torch.log(ss) + torch.log(st)
-        lse_s[rows] = ms + torch.log(ss)
-        lse_t[rows] = mt + torch.log(st)
+        log_ps, lse_s[rows] = _log_softmax(_scaled(student[rows], inv_temperature))  # (c, V)
+        log_pt, lse_t[rows] = _log_softmax(_scaled(teacher[rows], inv_temperature))
+        kl[rows] = _plogp_sum(torch.exp(log_ps), log_ps - log_pt)
         if tokens is not None:
-            logp[rows] = _token_logp(zs, lse_s[rows], tokens[rows], vocab_start, ignore_index)
+            logp[rows] = _token_logp(log_ps, tokens[rows], vocab_start, ignore_index)
     return kl, lse_s, lse_t, logp
 
 
@@ -107,10 +112,10 @@ def kl_bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature: float):
     n, vocab = student.shape
     grad = torch.empty((n, vocab), dtype=student.dtype, device=student.device)
     for rows in _chunks(n, vocab):
-        log_ps = student[rows].float() * inv_temperature - lse_s[rows].unsqueeze(-1)  # (c, V)
-        log_pt = teacher[rows].float() * inv_temperature - lse_t[rows].unsqueeze(-1)
+        log_ps = _minus_lse(_scaled(student[rows], inv_temperature), lse_s[rows])  # (c, V)
+        log_pt = _minus_lse(_scaled(teacher[rows], inv_temperature), lse_t[rows])
         ps = torch.exp(log_ps)
-        term = torch.where(ps > 0, ps * (log_ps - log_pt - kl[rows].unsqueeze(-1)), torch.zeros_like(ps))
+        term = torch.where(ps != 0, ps * (log_ps - log_pt - kl[rows].unsqueeze(-1)), torch.zeros_like(ps))
         g_kl = grad_kl[rows].unsqueeze(-1)
         # rows with a zero upstream gradient (masked rows) get exact zeros, even when their logits are NaN
         grad[rows] = torch.where(g_kl != 0, (g_kl * inv_temperature) * term, torch.zeros_like(term))

@@ -1,5 +1,6 @@
 """Tensor-parallel vocabulary: combining shard-local row results with all-reduces of per-row scalars.
 
+The scalars are combined in float64 (lse is float64 already: see ops/README.md); results are cast to fp32.
 Rank r holds columns [r * V_r, (r + 1) * V_r) of the vocabulary (equal shards, Megatron's layout). The row kernels
 return shard-local values (normalised over the shard). With M = max_r lse_r, e_r = exp(lse_r - M), S = sum_r e_r:
   lse     = M + log S                         w_r = e_r / S = the shard's share of the probability mass
@@ -50,8 +51,8 @@ def combine_logprob(logp_r, entropy_r, lse_r, own, valid, group, with_entropy: b
     dist.all_reduce(sums, group=group)
     log_total = torch.log(sums[0])
     zero = torch.zeros_like(log_total)
-    logp = torch.where(valid, sums[1] - log_total, zero)
-    entropy = torch.where(valid, sums[2] / sums[0] + log_total, zero) if with_entropy else entropy_r
+    logp = torch.where(valid, sums[1] - log_total, zero).float()
+    entropy = torch.where(valid, sums[2] / sums[0] + log_total, zero).float() if with_entropy else entropy_r
     return logp, entropy, top + log_total
 
 
@@ -65,6 +66,6 @@ def combine_kl(kl_r, lse_s_r, lse_t_r, logp_r, own, valid, group):
     sums = torch.stack(parts)
     dist.all_reduce(sums, group=group)
     log_s, log_t = torch.log(sums[0]), torch.log(sums[1])
-    kl = sums[2] / sums[0] - log_s + log_t
-    logp = logp_r if own is None else torch.where(valid, sums[3] - log_s, torch.zeros_like(log_s))
+    kl = (sums[2] / sums[0] - log_s + log_t).float()
+    logp = logp_r if own is None else torch.where(valid, sums[3] - log_s, torch.zeros_like(log_s)).float()
     return kl, top[0] + log_s, top[1] + log_t, logp

@@ -44,7 +44,7 @@ def pair_plans(student: torch.Tensor, teacher: torch.Tensor):
 def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None, temperature: float,
            vocab_start: int, vocab_total: int, ignore_index: int
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kl, lse_s, lse_t, logp_s or [0]) [...] of this shard, in one pass over both rows."""
+    """(kl fp32, lse_s float64, lse_t float64, logp_s fp32 or [0]) [...] of this shard, one pass over both rows."""
     if tokens is not None:
         _checks.token_values(tokens, vocab_total, ignore_index)
     ps, pt = pair_plans(student, teacher)
@@ -55,14 +55,15 @@ def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | 
     kl, lse_s, lse_t, logp = kern.kl_fwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), rows_tokens,
                                          1.0 / temperature, vocab_start, ignore_index)
     logp = logp if tokens is None else _rows.from_rows(logp, ps)
-    return _rows.from_rows(kl, ps), _rows.from_rows(lse_s, ps), _rows.from_rows(lse_t, ps), logp
+    return (_rows.from_rows(kl, ps), _rows.from_rows(lse_s.double(), ps), _rows.from_rows(lse_t.double(), ps),
+            logp)
 
 
 @kl_fwd.register_fake
 def _kl_fwd_fake(student, teacher, tokens, temperature, vocab_start, vocab_total, ignore_index):
     out = student.new_empty(student.shape[:-1], dtype=torch.float32)
     logp = torch.empty_like(out) if tokens is not None else student.new_empty(0, dtype=torch.float32)
-    return out, torch.empty_like(out), torch.empty_like(out), logp
+    return out, torch.empty_like(out, dtype=torch.float64), torch.empty_like(out, dtype=torch.float64), logp
 
 
 @torch.library.custom_op("opd_kernels::kl_bwd", mutates_args=())
@@ -73,9 +74,10 @@ def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, 
     if ps.rows == 0:
         return _rows.empty_grad(student, ps)
     f32 = lambda t: _rows.to_rows(t.float(), ps, 0.0)  # noqa: E731  (gap rows: zero upstream gradient)
+    f64 = lambda t: _rows.to_rows(t.double(), ps, 0.0)  # noqa: E731
     kern = _backend.kernels(student.device.type)
-    grad = kern.kl_bwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), f32(grad_kl), f32(lse_s),
-                       f32(lse_t), f32(kl), 1.0 / temperature)
+    grad = kern.kl_bwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), f32(grad_kl), f64(lse_s),
+                       f64(lse_t), f32(kl), 1.0 / temperature)
     return _rows.grad_from_rows(grad, ps)
 
 

@@ -41,7 +41,7 @@ def token_logprobs_reference(logits: torch.Tensor, tokens: torch.Tensor, *, temp
 def token_logprobs_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, vocab_start: int,
                        vocab_total: int, ignore_index: int, with_entropy: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp [...], entropy [...] or [0], lse [...]) of this shard; see the module docstring."""
+    """(logp [...] fp32, entropy [...] fp32 or [0], lse [...] float64) of this shard; see the module docstring."""
     _checks.token_values(tokens, vocab_total, ignore_index)
     plan = _rows.plan_rows(logits)
     if plan.rows == 0:
@@ -50,14 +50,14 @@ def token_logprobs_fwd(logits: torch.Tensor, tokens: torch.Tensor, temperature: 
     logp, entropy, lse = kern.logprob_fwd(_rows.rows_view(logits, plan), _rows.to_rows(tokens, plan, ignore_index),
                                           1.0 / temperature, vocab_start, ignore_index, with_entropy)
     entropy = _rows.from_rows(entropy, plan) if with_entropy else entropy
-    return _rows.from_rows(logp, plan), entropy, _rows.from_rows(lse, plan)
+    return _rows.from_rows(logp, plan), entropy, _rows.from_rows(lse.double(), plan)  # .double(): see README
 
 
 @token_logprobs_fwd.register_fake
 def _fwd_fake(logits, tokens, temperature, vocab_start, vocab_total, ignore_index, with_entropy):
     out = logits.new_empty(tokens.shape, dtype=torch.float32)
     entropy = torch.empty_like(out) if with_entropy else logits.new_empty(0, dtype=torch.float32)
-    return out, entropy, torch.empty_like(out)
+    return out, entropy, torch.empty_like(out, dtype=torch.float64)
 
 
 @torch.library.custom_op("opd_kernels::token_logprobs_bwd", mutates_args=())
@@ -75,7 +75,7 @@ def token_logprobs_bwd(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: to
         grad_entropy_rows, entropy = f32(grad_entropy), f32(entropy)
     kern = _backend.kernels(logits.device.type)
     grad = kern.logprob_bwd(_rows.rows_view(logits, plan), _rows.to_rows(tokens, plan, ignore_index),
-                            f32(grad_logp), grad_entropy_rows, f32(lse),
+                            f32(grad_logp), grad_entropy_rows, _rows.to_rows(lse.double(), plan, 0.0),
                             lse.new_empty(0, dtype=torch.float32) if entropy is None else entropy,
                             1.0 / temperature, vocab_start, ignore_index)
     return _rows.grad_from_rows(grad, plan)

@@ -1,0 +1,170 @@
+// CPU row kernels: kl_fwd, kl_bwd and the fused full-vocabulary OPD epilogue (opd_full_fwd).
+// Contract: opd_kernels/ops/README.md. One pass over both rows per row (softmax.h: pair_stats); rows in parallel.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common.h"
+#include "cpu/softmax.h"
+
+namespace opd::cpu {
+namespace {
+
+
+struct KlResult {
+  float kl;
+  double lse_s, lse_t;
+  float logp;
+};
+
+// col: the student token's local column, or -1 (logp = 0).
+template <typename T>
+inline KlResult kl_row(const T* xs, const T* xt, int64_t V, float inv_t, int64_t col) {
+  const PairStats st = pair_stats(xs, xt, V, inv_t);
+  const double log_ss = std::log(st.ss), log_st = std::log(st.st);
+  const double logp = col >= 0 ? (double(static_cast<float>(xs[col]) * inv_t) - st.ms) - log_ss : 0.0;
+  return {float(st.a / st.ss - log_ss + log_st), st.ms + log_ss, st.mt + log_st, float(logp)};
+}
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& xs, const at::Tensor& xt,
+                                                                  const std::optional<at::Tensor>& tokens,
+                                                                  double inv_temperature, int64_t vocab_start,
+                                                                  int64_t ignore_index) {
+  check_rows(xs, "student");
+  check_rows(xt, "teacher");
+  check_same_rows(xs, xt);
+  check_inv_temperature(inv_temperature);
+  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
+  if (tokens) check_row_vector(*tokens, N, at::kLong, xs, "tokens");
+  const auto opts = xs.options().dtype(at::kFloat);
+  at::Tensor kl = at::empty({N}, opts), logp = at::empty({tokens ? N : 0}, opts);
+  at::Tensor lse_s = at::empty({N}, opts.dtype(at::kDouble)), lse_t = at::empty({N}, opts.dtype(at::kDouble));
+  const int64_t* tok = tokens ? tokens->const_data_ptr<int64_t>() : nullptr;
+  float* ko = kl.data_ptr<float>();
+  double *lso = lse_s.data_ptr<double>(), *lto = lse_t.data_ptr<double>();
+  float* lpo = logp.data_ptr<float>();
+  const float inv_t = float(inv_temperature);
+  dispatch_float(xs.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *bs = xs.const_data_ptr<T>(), *bt = xt.const_data_ptr<T>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t col = tok ? owned_column(tok[r], vocab_start, V, ignore_index) : -1;
+        const KlResult res = kl_row(bs + r * ss, bt + r * st, V, inv_t, col);
+        ko[r] = res.kl;
+        lso[r] = res.lse_s;
+        lto[r] = res.lse_t;
+        if (tok) lpo[r] = res.logp;
+      }
+    });
+  });
+  return {kl, lse_s, lse_t, logp};
+}
+
+// grad = inv_t g p_s (log p_s - log p_t - KL); rows with g == 0 are written as zeros (masked rows may be NaN).
+// The double lse are split into hi + lo (see logprob_bwd_row: keeps p_s ~ 1 accurate).
+template <typename T>
+inline void kl_bwd_row(const T* xs, const T* xt, T* out, int64_t V, float inv_t, float g, double lse_s,
+                       double lse_t, float kl) {
+  if (g == 0.f) {
+    std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
+    return;
+  }
+  const float hs = float(lse_s), ht = float(lse_t);
+  const __m256 vi = _mm256_set1_ps(inv_t), vls = _mm256_set1_ps(-hs), vlt = _mm256_set1_ps(-ht);
+  const __m256 vlo_s = _mm256_set1_ps(float(lse_s - hs)), vlo_t = _mm256_set1_ps(float(lse_t - ht));
+  const __m256 vkl = _mm256_set1_ps(kl), scale = _mm256_set1_ps(inv_t * g);
+  for (int64_t i = 0; i < V; i += kLanes) {
+    const bool full = i + kLanes <= V;
+    const __m256 s = full ? load8(xs + i) : load_tail(xs + i, V - i, -kInf);
+    const __m256 t = full ? load8(xt + i) : load_tail(xt + i, V - i, -kInf);
+    const __m256 log_ps = _mm256_sub_ps(scaled_minus(s, vi, vls), vlo_s);
+    const __m256 log_pt = _mm256_sub_ps(scaled_minus(t, vi, vlt), vlo_t);
+    const __m256 p = exp_neg(log_ps);
+    const __m256 term = where_nonzero(p, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_sub_ps(log_ps, log_pt), vkl)));
+    const __m256 grad = _mm256_mul_ps(scale, term);
+    if (full) {
+      store8(out + i, grad);
+    } else {
+      store_tail(out + i, grad, V - i);
+    }
+  }
+}
+
+at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
+                  const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+  check_rows(xs, "student");
+  check_rows(xt, "teacher");
+  check_same_rows(xs, xt);
+  check_inv_temperature(inv_temperature);
+  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
+  check_row_vector(grad_kl, N, at::kFloat, xs, "grad_kl");
+  check_row_vector(lse_s, N, at::kDouble, xs, "lse_s");
+  check_row_vector(lse_t, N, at::kDouble, xs, "lse_t");
+  check_row_vector(kl, N, at::kFloat, xs, "kl");
+  at::Tensor grad = at::empty({N, V}, xs.options());
+  const float *g = grad_kl.const_data_ptr<float>(), *k = kl.const_data_ptr<float>();
+  const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
+  const float inv_t = float(inv_temperature);
+  dispatch_float(xs.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *bs = xs.const_data_ptr<T>(), *bt = xt.const_data_ptr<T>();
+    T* out = grad.data_ptr<T>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        kl_bwd_row(bs + r * ss, bt + r * st, out + r * V, V, inv_t, g[r], ls[r], lt[r], k[r]);
+      }
+    });
+  });
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_full_fwd(const at::Tensor& xs, const at::Tensor& xt,
+                                                            const at::Tensor& tokens, const at::Tensor& advantages,
+                                                            const std::optional<at::Tensor>& mask, double coef,
+                                                            double inv_temperature) {
+  check_rows(xs, "student");
+  check_rows(xt, "teacher");
+  check_same_rows(xs, xt);
+  check_inv_temperature(inv_temperature);
+  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
+  check_row_vector(tokens, N, at::kLong, xs, "tokens");
+  check_row_vector(advantages, N, at::kFloat, xs, "advantages");
+  if (mask) check_row_vector(*mask, N, at::kBool, xs, "mask");
+  const auto opts = xs.options().dtype(at::kFloat);
+  at::Tensor adv_out = at::empty({N}, opts), kl = at::empty({N}, opts), logp = at::empty({N}, opts);
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  const float* adv = advantages.const_data_ptr<float>();
+  const bool* keep = mask ? mask->const_data_ptr<bool>() : nullptr;
+  float *ao = adv_out.data_ptr<float>(), *ko = kl.data_ptr<float>(), *lo = logp.data_ptr<float>();
+  const float inv_t = float(inv_temperature);
+  dispatch_float(xs.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T *bs = xs.const_data_ptr<T>(), *bt = xt.const_data_ptr<T>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        if (keep && !keep[r]) {  // masked out: not read, advantage kept
+          ao[r] = adv[r];
+          ko[r] = lo[r] = 0.f;
+          continue;
+        }
+        const int64_t col = owned_column(tok[r], 0, V, std::numeric_limits<int64_t>::min());
+        const KlResult res = kl_row(bs + r * ss, bt + r * st, V, inv_t, col);
+        lo[r] = res.logp;
+        ko[r] = res.kl;
+        ao[r] = float(adv[r] - coef * double(res.kl));
+      }
+    });
+  });
+  return {adv_out, kl, logp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_C, CPU, m) {
+  m.impl("kl_fwd", &kl_fwd);
+  m.impl("kl_bwd", &kl_bwd);
+  m.impl("opd_full_fwd", &opd_full_fwd);
+}
+
+}  // namespace opd::cpu

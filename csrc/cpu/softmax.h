@@ -1,0 +1,152 @@
+// One-pass (online) softmax statistics of a row, and of a student/teacher row pair, for the CPU row kernels.
+//
+// A row is processed in chunks of kChunk columns: a max sweep, then an exp sweep that re-reads the chunk from L1,
+// so the logits stream from memory once. Everything is relative to the running max m in natural units
+// (z = x * inv_t rounded to fp32 like PyTorch's x / T, d = z - m: exact near the max, and exactly 0 at it): s = sum e^d, b = sum e^d d (entropy = log s - b / s),
+// a = sum e^ds (ds - dt) (KL = a / s_s - log s_s + log s_t). These forms never subtract two numbers of size
+// |lse|, so confident rows and near-identical pairs keep their accuracy. Per-chunk sums are fp32 vectors; the
+// cross-chunk merge (rescaling by e^(m_old - m_new)) is in double. A NaN or +inf logit makes the row NaN.
+#pragma once
+#include <cmath>
+
+#include "cpu/vec.h"
+
+namespace opd::cpu {
+
+constexpr int64_t kChunk = 2048;
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 tensor.
+template <typename F>
+void dispatch_float(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK(false, "unsupported logits dtype ", type);
+  }
+}
+
+// Rows per parallel task: at least ~32k columns of work, so few-row / huge-vocabulary calls stay cheap.
+inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+// The local column of a row's token when this shard owns it, else -1.
+inline int64_t owned_column(int64_t tok, int64_t vocab_start, int64_t V, int64_t ignore_index) {
+  const int64_t col = tok - vocab_start;
+  return (tok != ignore_index && col >= 0 && col < V) ? col : -1;
+}
+
+// e^(m_old - m_new) rescaling of a running sum whose max moves up; 0 while the sum is empty (m_old = -inf).
+inline double rescale(double sum, float m_old, float m_new) { return sum > 0 ? std::exp(double(m_old) - m_new) : 0; }
+
+// z - m with z = x * inv_t rounded first (an fma would use the exact product, so the row max would give a
+// nonzero d and a V = 1 row a log-probability of a few ulps instead of exactly 0).
+inline __m256 scaled_minus(__m256 x, __m256 inv_t, __m256 minus_m) {
+  return _mm256_add_ps(_mm256_mul_ps(x, inv_t), minus_m);
+}
+
+inline float safe_max(float m) { return m == -kInf ? 0.f : m; }  // keeps -inf - -inf out of the exp sweep
+
+struct RowStats {
+  float m;   // max of z (-inf for an all -inf row)
+  double s;  // sum e^(z - m); NaN for a row with a NaN / +inf logit
+  double b;  // sum e^(z - m) (z - m)
+};
+
+template <typename T, bool kEntropy>
+inline void exp_sweep(const T* x, int64_t n, float inv_t, float m, double& s, double& b) {
+  const __m256 vi = _mm256_set1_ps(inv_t), vm = _mm256_set1_ps(-m);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, b0 = s0, b1 = s0;
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const __m256 d0 = scaled_minus(load8(x + i), vi, vm), d1 = scaled_minus(load8(x + i + kLanes), vi, vm);
+    const __m256 e0 = exp_neg(d0), e1 = exp_neg(d1);
+    s0 = _mm256_add_ps(s0, e0);
+    s1 = _mm256_add_ps(s1, e1);
+    if constexpr (kEntropy) {
+      b0 = _mm256_add_ps(b0, where_nonzero(e0, _mm256_mul_ps(e0, d0)));
+      b1 = _mm256_add_ps(b1, where_nonzero(e1, _mm256_mul_ps(e1, d1)));
+    }
+  }
+  for (; i < n; i += kLanes) {
+    const __m256 v = i + kLanes <= n ? load8(x + i) : load_tail(x + i, n - i, -kInf);
+    const __m256 d = scaled_minus(v, vi, vm), e = exp_neg(d);
+    s0 = _mm256_add_ps(s0, e);
+    if constexpr (kEntropy) b0 = _mm256_add_ps(b0, where_nonzero(e, _mm256_mul_ps(e, d)));
+  }
+  s += hsum(_mm256_add_ps(s0, s1));
+  if constexpr (kEntropy) b += hsum(_mm256_add_ps(b0, b1));
+}
+
+template <typename T, bool kEntropy>
+inline RowStats row_stats(const T* x, int64_t V, float inv_t) {
+  float m = -kInf;
+  double s = 0, b = 0;
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const float raw_max = chunk_max(x + c0, n);
+    if (std::isnan(raw_max)) return {m, kNaN, kNaN};
+    const float cmax = raw_max * inv_t;
+    if (cmax > m) {
+      const double r = rescale(s, m, cmax), delta = double(m) - cmax;
+      b = s > 0 ? r * (b + s * delta) : 0;
+      s *= r;
+      m = cmax;
+    }
+    if (m == -kInf) continue;  // every logit so far is -inf: nothing to add
+    exp_sweep<T, kEntropy>(x + c0, n, inv_t, m, s, b);
+  }
+  return {m, s, b};
+}
+
+struct PairStats {
+  float ms, mt;   // maxima of the student / teacher z
+  double ss, st;  // sums of e^(z - m); NaN when either row has a NaN / +inf logit
+  double a;       // sum e^(zs - ms) ((zs - ms) - (zt - mt))
+};
+
+template <typename T>
+inline void pair_sweep(const T* xs, const T* xt, int64_t n, float inv_t, float ms, float mt, PairStats& st) {
+  const __m256 vi = _mm256_set1_ps(inv_t), vms = _mm256_set1_ps(-ms), vmt = _mm256_set1_ps(-mt);
+  __m256 ss = _mm256_setzero_ps(), tt = ss, aa = ss;
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const bool full = i + kLanes <= n;
+    const __m256 s = full ? load8(xs + i) : load_tail(xs + i, n - i, -kInf);
+    const __m256 t = full ? load8(xt + i) : load_tail(xt + i, n - i, -kInf);
+    const __m256 ds = scaled_minus(s, vi, vms), dt = scaled_minus(t, vi, vmt);
+    const __m256 es = exp_neg(ds);
+    ss = _mm256_add_ps(ss, es);
+    tt = _mm256_add_ps(tt, exp_neg(dt));
+    aa = _mm256_add_ps(aa, where_nonzero(es, _mm256_mul_ps(es, _mm256_sub_ps(ds, dt))));
+  }
+  st.ss += hsum(ss);
+  st.st += hsum(tt);
+  st.a += hsum(aa);
+}
+
+template <typename T>
+inline PairStats pair_stats(const T* xs, const T* xt, int64_t V, float inv_t) {
+  PairStats st{-kInf, -kInf, 0, 0, 0};
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const float raw_s = chunk_max(xs + c0, n), raw_t = chunk_max(xt + c0, n);
+    if (std::isnan(raw_s) || std::isnan(raw_t)) return {st.ms, st.mt, kNaN, kNaN, kNaN};
+    const float cs = raw_s * inv_t, ct = raw_t * inv_t;
+    if (ct > st.mt) {  // a holds -(zt - mt_ref) terms: moving mt_ref up adds ss * (new - old)
+      if (st.ss > 0) st.a += st.ss * (double(ct) - safe_max(st.mt));
+      st.st *= rescale(st.st, st.mt, ct);
+      st.mt = ct;
+    }
+    if (cs > st.ms) {
+      const double r = rescale(st.ss, st.ms, cs), delta = double(st.ms) - cs;
+      st.a = st.ss > 0 ? r * (st.a + st.ss * delta) : 0;
+      st.ss *= r;
+      st.ms = cs;
+    }
+    if (st.ms == -kInf && st.mt == -kInf) continue;
+    pair_sweep(xs + c0, xt + c0, n, inv_t, safe_max(st.ms), safe_max(st.mt), st);
+  }
+  return st;
+}
+
+}  // namespace opd::cpu
