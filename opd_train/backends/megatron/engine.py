@@ -135,12 +135,43 @@ class ModelEngine:
         return hf_tensors_from_mcore(self.arch, gather_weights(self.module, self.ctx.tp_group))
 
     # ---- checkpoint state ----------------------------------------------------------------------------------
+    def _torch_adams(self) -> list:
+        """The torch.optim.Adam(W) instances inside Megatron's optimizer (none with TE/Apex FusedAdam)."""
+        inners = [c.optimizer for c in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+        return [o for o in inners if type(o) in (torch.optim.Adam, torch.optim.AdamW)]
+
+    def _ensure_optimizer_state(self) -> None:
+        """Create torch Adam's per-parameter state (zeros, step 0) where no step has run yet.
+
+        Without Apex/TE, Megatron wraps torch.optim.Adam, which creates its state lazily at the first step;
+        Megatron's checkpoint code reads ``state["step"]`` of every parameter, so saving or loading before the
+        first step would fail. This is exactly the state the first step would start from.
+        """
+        for inner in self._torch_adams():
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if len(inner.state[p]) == 0:
+                        inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                              exp_avg_sq=torch.zeros_like(p))
+
+    def _adam_step(self) -> float | None:
+        steps = [float(st["step"]) for o in self._torch_adams() for st in o.state.values() if "step" in st]
+        return max(steps) if steps else None
+
+    def _restore_adam_step(self, step: float) -> None:
+        # Megatron 0.19's dp_reshardable load restores exp_avg/exp_avg_sq of torch Adam but hands back the
+        # per-parameter "step" (Adam's bias-correction counter) as the load template's value, 0; a resumed run
+        # would then take a different step than an uninterrupted one. We store the counter ourselves.
+        for inner in self._torch_adams():
+            for st in inner.state.values():
+                st["step"] = torch.tensor(float(step))
+
     def state_dict_for_save(self, with_optimizer: bool, extra: dict) -> dict:
         state = {"model": self.module.sharded_state_dict(), "opd": extra}
         if with_optimizer and self.optimizer is not None:
+            self._ensure_optimizer_state()
             state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], metadata=ckpt.OPTIM_METADATA)
-            if self.scheduler is not None:
-                state["opd"] = {**extra, "scheduler": self.scheduler.state_dict()}
+            state["opd"] = {**extra, "scheduler": self.scheduler.state_dict(), "adam_step": self._adam_step()}
         return state
 
     def load_full_checkpoint(self, directory: str, step: int, *, load_optimizer: bool) -> dict:
@@ -156,6 +187,7 @@ class ModelEngine:
                              "(weights reshard freely; the optimizer layout does not)")
         template = {"model": self.module.sharded_state_dict()}
         if load_optimizer:
+            self._ensure_optimizer_state()
             template["optimizer"] = self.optimizer.sharded_state_dict(template["model"], is_loading=True,
                                                                       metadata=ckpt.OPTIM_METADATA)
         loaded = ckpt.load(directory, step, template)
@@ -165,8 +197,14 @@ class ModelEngine:
             # require grad), so the in-place copy must run without autograd.
             with torch.no_grad():
                 self.optimizer.load_state_dict(loaded["optimizer"])
-            if self.scheduler is not None and "scheduler" in loaded.get("opd", {}):
-                self.scheduler.load_state_dict(loaded["opd"]["scheduler"])
+            extras = loaded.get("opd", {})
+            if extras.get("adam_step") is not None:
+                self._restore_adam_step(extras["adam_step"])
+            if "scheduler" in extras:
+                # Megatron's scheduler ADDS the stored step count to its own (load_state_dict calls
+                # step(increment=n)): start from 0 so a second load in the same process lands on n.
+                self.scheduler.num_steps = 0
+                self.scheduler.load_state_dict(extras["scheduler"])
         else:
             self.sync_main_params()
         return dict(loaded.get("opd", {}))

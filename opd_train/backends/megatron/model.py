@@ -83,12 +83,13 @@ class ValueHead(torch.nn.Module):
 
     def __init__(self, hidden_size: int, dtype: torch.dtype):
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, bias=True, dtype=dtype)
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
+        # Zero init: the critic starts by predicting 0 everywhere (named weight/bias so that Megatron's
+        # LanguageModule.sharded_state_dict finds ``output_layer.weight`` as it expects).
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
-        return self.linear(hidden_states), None
+        return torch.nn.functional.linear(hidden_states, self.weight, self.bias), None
 
 
 def build_gpt(arch: ModelArch, *, tensor_parallel: int, dtype: str = "fp32", value_head: bool = False):

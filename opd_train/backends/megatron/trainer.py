@@ -50,6 +50,12 @@ def _tokenizer_vocab(directory: str | None):
         return json.load(f).get("model", {}).get("vocab")
 
 
+def _report(metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    # Copies: Megatron's schedule divides the returned loss IN PLACE by the number of micro-batches, and the
+    # algo layer's detached metrics may share its storage.
+    return {**{k: v.detach().clone().float() for k, v in metrics.items()}, "_ntok": mask.sum()}
+
+
 class MegatronTrainer:
     """See the package docstring for the API. ``trainer.step`` counts optimizer steps (restored on resume)."""
 
@@ -58,6 +64,9 @@ class MegatronTrainer:
             raise TypeError(f"MegatronTrainer needs a TrainerSettings, got {type(settings).__name__}")
         self.settings = settings
         self.ctx = ctx or current_context()
+        if settings.parallel.tensor_parallel != self.ctx.tp_size:
+            raise ValueError(f"ParallelSettings.tensor_parallel={settings.parallel.tensor_parallel} but the process "
+                             f"groups were initialised with tensor_parallel={self.ctx.tp_size} (init_distributed)")
         self.temperature = float(settings.temperature)
         self.step = 0
         self.ref = self.teacher = self.critic = None
@@ -285,7 +294,7 @@ class MegatronTrainer:
             entropy=None if entropy is None else mb.pad_spans(mb.split_rows(entropy)),
             entropy_coef=settings.entropy_coef, ref_logprobs=mb.extras.get("ref"),
             ref_kl_coef=settings.ref_kl_coef, ref_kl=settings.ref_kl, **norm_kw)
-        return loss, {**{k: v.detach().float() for k, v in metrics.items()}, "_ntok": mask.sum()}
+        return loss, _report(metrics, mask)
 
     def train_critic_step(self, batch: TrainBatch, returns, old_values, *, loss: LossSettings = LossSettings(),
                           num_samples: float | None = None, num_tokens: float | None = None) -> dict[str, float]:
@@ -306,7 +315,7 @@ class MegatronTrainer:
         loss, metrics = value_loss(mb.pad_spans(mb.split_rows(scoring.values(output))), mb.extras["old"],
                                    mb.extras["ret"], mask, value_clip=settings.value_clip,
                                    reduction=settings.reduction, **norm_kw)
-        return loss, {**{k: v.detach().float() for k, v in metrics.items()}, "_ntok": mask.sum()}
+        return loss, _report(metrics, mask)
 
     # ---- checkpoints and export --------------------------------------------------------------------------
     def _meta(self, engine: ModelEngine) -> dict:

@@ -1,0 +1,264 @@
+"""Scenarios run inside Megatron worker processes (see ``_worker.py``); the tests assert on what they return.
+
+Each function takes the spec (paths of the tiny HF models built by conftest.py) and the output dir, and
+returns a dict of plain data / tensors (saved by rank 0) or saves per-rank files itself.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from opd_train.backends.megatron import (BatchingSettings, CheckpointSettings, CriticSettings, LossSettings,
+                                         MegatronTrainer, ModelSource, OptimizerSettings, ParallelSettings,
+                                         PrecisionSettings, TeacherSettings, TrainBatch, TrainerSettings,
+                                         convert_hf_to_torch_dist, convert_torch_dist_to_hf, cpu_compat,
+                                         init_distributed)
+from opd_train.backends.megatron import checkpoint as ckpt
+from opd_train.backends.megatron.engine import ModelEngine, arch_of_dir
+from opd_train.backends.megatron.dist import current_context
+from opd_train.backends.megatron.packing import pack_microbatches
+
+VOCAB = 256
+
+
+def make_batch(seed: int, n: int, *, min_len: int = 8, max_len: int = 26) -> TrainBatch:
+    """Random samples of varied lengths; every third sample has a masked-out response token."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, lengths, masks = [], [], []
+    for i in range(n):
+        total = int(torch.randint(min_len, max_len, (1,), generator=g))
+        r = int(torch.randint(2, total - 2, (1,), generator=g))
+        tokens.append(torch.randint(0, VOCAB, (total,), generator=g).tolist())
+        lengths.append(r)
+        masks.append([0 if (i % 3 == 1 and j == 0) else 1 for j in range(r)])
+    return TrainBatch(tokens=tokens, response_lengths=lengths, loss_masks=masks)
+
+
+def subset(batch: TrainBatch, idx: list[int]) -> TrainBatch:
+    return TrainBatch(tokens=[batch.tokens[i] for i in idx], response_lengths=[batch.response_lengths[i] for i in idx],
+                      loss_masks=[batch.loss_masks[i] for i in idx])
+
+
+def per_sample_noise(batch_idx: list[int], lengths: list[int], seed: int) -> list[torch.Tensor]:
+    """Deterministic per GLOBAL sample index, so every TP/DP layout sees the same values."""
+    return [torch.randn(r, generator=torch.Generator().manual_seed(seed * 1000 + i)) for i, r in zip(batch_idx, lengths)]
+
+
+def _batch_dict(batch: TrainBatch) -> dict:
+    return {"tokens": batch.tokens, "response_lengths": batch.response_lengths, "loss_masks": batch.loss_masks}
+
+
+# ---- conversion -----------------------------------------------------------------------------------------------
+def convert(spec: dict, out: str) -> dict:
+    ctx = current_context()
+    batch = make_batch(5, 1, min_len=20, max_len=30)
+    res = {"batch": _batch_dict(batch)}
+    for name in ("qwen3", "qwen3_tied", "qwen2", "llama"):
+        hf_dir, dist_dir, back = spec["hf"][name], f"{out}/dist_{name}", f"{out}/back_{name}"
+        convert_hf_to_torch_dist(hf_dir, dist_dir, step=0)
+        convert_torch_dist_to_hf(dist_dir, back)
+        arch, _ = arch_of_dir(hf_dir)
+        with cpu_compat(), torch.no_grad():
+            mb = pack_microbatches(batch, 4096)[0]
+            from_hf = ModelEngine(arch, ctx, name="from_hf")
+            from_hf.load_hf(hf_dir)
+            from_dist = ModelEngine(arch, ctx, name="from_dist")
+            from_dist.load_model_checkpoint(dist_dir)
+            res[name] = {"logits": from_hf(mb)[0].clone(), "logits_from_dist": from_dist(mb)[0].clone(),
+                         "dist_dir": dist_dir, "back": back, "iterations": ckpt.list_iterations(dist_dir)}
+    return res
+
+
+# ---- packing, temperature, export ---------------------------------------------------------------------------
+def packing(spec: dict, out: str) -> dict:
+    batch = make_batch(11, 6)
+    results = {"batch": _batch_dict(batch), "temperature": 0.7}
+    for label, budget in (("packed", 64), ("single", 1)):
+        trainer = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=0.7,
+                                                  batching=BatchingSettings(max_tokens_per_microbatch=budget)))
+        f = trainer.forward(batch, with_entropy=True)
+        results[label] = {"logprobs": f.logprobs, "entropy": f.entropy,
+                          "microbatches": [m.sample_ids for m in pack_microbatches(batch, budget)]}
+        if label == "packed":
+            results["export_dir"] = trainer.export_hf(f"{out}/export_qwen3")
+        del trainer
+    return results
+
+
+# ---- tensor / data parallel equality ------------------------------------------------------------------------
+GLOBAL_BATCH = 6
+
+
+def _train_two_steps(spec: dict, tp: int, idx: list[int]) -> dict:
+    batch = subset(make_batch(31, GLOBAL_BATCH), idx)
+    trainer = MegatronTrainer(TrainerSettings(
+        model=ModelSource(hf_path=spec["hf"]["qwen3"]), parallel=ParallelSettings(tensor_parallel=tp),
+        optimizer=OptimizerSettings(lr=1e-3, clip_grad=0.5), batching=BatchingSettings(max_tokens_per_microbatch=48)))
+    f = trainer.forward(batch, with_entropy=True)
+    adv = per_sample_noise(idx, batch.response_lengths, 1)
+    old = [lp + 0.05 * n for lp, n in zip(f.logprobs, per_sample_noise(idx, batch.response_lengths, 2))]
+    m1 = trainer.train_step(batch, adv, old, loss=LossSettings(entropy_coef=0.01))
+    m2 = trainer.train_step(batch, adv, old, loss=LossSettings(reduction="token_mean", eps_clip=0.1))
+    weights = trainer.actor_hf_tensors()
+    n_mbs = len(pack_microbatches(batch, 48))
+    del trainer
+    return {"idx": idx, "logprobs": f.logprobs, "entropy": f.entropy, "m1": m1, "m2": m2, "weights": weights,
+            "microbatches": n_mbs}
+
+
+def parallel_ref(spec: dict, out: str) -> dict:
+    return _train_two_steps(spec, 1, list(range(GLOBAL_BATCH)))
+
+
+def parallel(spec: dict, out: str) -> None:
+    rank = dist.get_rank()
+    init_distributed(rank=rank, world_size=2, tensor_parallel=2)
+    torch.save(_train_two_steps(spec, 2, list(range(GLOBAL_BATCH))), f"{out}/parallel_tp2_rank{rank}.pt")
+    init_distributed(rank=rank, world_size=2, tensor_parallel=1)
+    torch.save(_train_two_steps(spec, 1, list(range(rank, GLOBAL_BATCH, 2))), f"{out}/parallel_dp2_rank{rank}.pt")
+
+
+# ---- checkpoints: resume and interrupted saves ----------------------------------------------------------------
+def _step(trainer: MegatronTrainer, step: int) -> dict:
+    batch = make_batch(100 + step, 4)
+    f = trainer.forward(batch)
+    adv = per_sample_noise(list(range(4)), batch.response_lengths, 50 + step)
+    return trainer.train_step(batch, adv, f.logprobs)
+
+
+def _resume_settings(spec: dict, **checkpoint) -> TrainerSettings:
+    return TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), checkpoint=CheckpointSettings(**checkpoint),
+                           optimizer=OptimizerSettings(lr=2e-3, lr_warmup_steps=1, lr_decay_steps=8,
+                                                       lr_decay_style="cosine", min_lr=1e-4, weight_decay=0.01))
+
+
+def resume_a(spec: dict, out: str) -> dict:
+    """The uninterrupted run: 4 steps, --save-interval 2 (iterations 2 and 4)."""
+    trainer = MegatronTrainer(_resume_settings(spec, save=f"{out}/resume_ckpt", save_interval=2))
+    metrics, weights = {}, {}
+    for step in range(1, 5):
+        metrics[step] = _step(trainer, step)
+        trainer.maybe_save()
+        weights[step] = trainer.actor_hf_tensors()
+    return {"metrics": metrics, "weights": weights, "dir": f"{out}/resume_ckpt",
+            "iterations": ckpt.list_iterations(f"{out}/resume_ckpt")}
+
+
+def resume_b(spec: dict, out: str) -> dict:
+    """A new process: --load resumes the latest (4); then resume iteration 2 explicitly and redo steps 3-4."""
+    trainer = MegatronTrainer(_resume_settings(spec, load=f"{out}/resume_ckpt"))
+    res = {"loaded_step": trainer.step, "weights_loaded": trainer.actor_hf_tensors()}
+    res["explicit_step"] = trainer.load_checkpoint(f"{out}/resume_ckpt", 2)
+    res["metrics"] = {step: _step(trainer, step) for step in (3, 4)}
+    res["weights"] = trainer.actor_hf_tensors()
+    return res
+
+
+def _die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash(spec: dict, out: str) -> None:
+    """Save step 1, train step 2, then get SIGKILLed after the step-2 shards are written (before publishing)."""
+    trainer = MegatronTrainer(_resume_settings(spec, save=f"{out}/crash_ckpt"))
+    record = {"m1": _step(trainer, 1)}
+    trainer.save_checkpoint()
+    record["weights_1"] = trainer.actor_hf_tensors()
+    record["m2"] = _step(trainer, 2)
+    record["weights_2"] = trainer.actor_hf_tensors()
+    torch.save(record, f"{out}/crash_record.pt")
+    ckpt._write_metadata = _die
+    trainer.save_checkpoint()
+    raise AssertionError("the injected fault did not kill the save")
+
+
+def after_crash(spec: dict, out: str) -> dict:
+    directory = f"{out}/crash_ckpt"
+    stale = sorted(n for n in os.listdir(directory) if n.startswith(".tmp_iter_"))
+    stale_files = sum(len(files) for _, _, files in os.walk(os.path.join(directory, stale[0]))) if stale else 0
+    trainer = MegatronTrainer(_resume_settings(spec, load=directory, save=directory))
+    res = {"stale_before": stale, "stale_files": stale_files, "loaded_step": trainer.step,
+           "weights_loaded": trainer.actor_hf_tensors(), "iterations_before": ckpt.list_iterations(directory)}
+    res["m2"] = _step(trainer, 2)
+    res["weights_2"] = trainer.actor_hf_tensors()
+    trainer.save_checkpoint()
+    res["iterations_after"] = ckpt.list_iterations(directory)
+    res["stale_after"] = sorted(n for n in os.listdir(directory) if n.startswith(".tmp_iter_"))
+    res["tracker"] = open(os.path.join(directory, ckpt.TRACKER)).read()
+    return res
+
+
+# ---- the Megatron teacher -------------------------------------------------------------------------------------
+def teacher(spec: dict, out: str) -> dict:
+    from opd_train.algo import apply_opd
+    tdir, sdir = f"{out}/teacher_ckpt", f"{out}/student_dist"
+    convert_hf_to_torch_dist(spec["hf"]["teacher_a"], tdir, step=3)
+    convert_hf_to_torch_dist(spec["hf"]["teacher_b"], tdir, step=7)
+    convert_hf_to_torch_dist(spec["hf"]["qwen3"], sdir, step=0)
+    trainer = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=0.8,
+                                              teacher=TeacherSettings(load=tdir, step=3, offload=True)))
+    batch = make_batch(21, 4)
+    before = trainer.actor_hf_tensors()
+    res = {"batch": _batch_dict(batch), "temperature": 0.8}
+    res["step3"] = vars(trainer.forward(batch, teacher=True, kl_mode="full"))
+    trainer.load_teacher(tdir)
+    res["step7"] = vars(trainer.forward(batch, teacher=True, kl_mode="full", with_entropy=True))
+    res["errors"] = {}
+    for label, call in (("missing", lambda: trainer.load_teacher(tdir, step=5)),
+                        ("vocab", lambda: trainer.load_teacher(spec["hf"]["bad_vocab"])),
+                        ("full_without_teacher_flag", lambda: trainer.forward(batch, kl_mode="full"))):
+        try:
+            call()
+            res["errors"][label] = None
+        except (ValueError, FileNotFoundError) as exc:
+            res["errors"][label] = f"{type(exc).__name__}: {exc}"
+    after = trainer.actor_hf_tensors()
+    res["student_unchanged"] = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    trainer.load_teacher(sdir)           # teacher == student
+    same = trainer.forward(batch, teacher=True, kl_mode="full")
+    res["same"] = vars(same)
+    zeros = [torch.zeros(r) for r in batch.response_lengths]
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+    mask = pad([torch.tensor(m, dtype=torch.float32) for m in batch.loss_masks])
+    adv, kl = apply_opd(pad(zeros), pad(same.logprobs), pad(same.teacher_logprobs), coef=1.0, response_mask=mask)
+    res["same_penalty"] = {"advantages": adv, "kl": kl}
+    return res
+
+
+# ---- reference model, critic, bf16 ----------------------------------------------------------------------------
+def critic(spec: dict, out: str) -> dict:
+    source = ModelSource(hf_path=spec["hf"]["qwen3"])
+    trainer = MegatronTrainer(TrainerSettings(
+        model=source, reference=source, optimizer=OptimizerSettings(lr=1e-3),
+        critic=CriticSettings(source=source, optimizer=OptimizerSettings(lr=3e-3, clip_grad=0.0))))
+    batch = make_batch(41, 4)
+    f = trainer.forward(batch, ref=True, values=True)
+    actor_before = trainer.actor_hf_tensors()
+    returns = [torch.full((r,), 0.5) + 0.1 * n for r, n in
+               zip(batch.response_lengths, per_sample_noise(list(range(4)), batch.response_lengths, 9))]
+    losses = [trainer.train_critic_step(batch, returns, f.values, loss=LossSettings(value_clip=None))["value_loss"]
+              for _ in range(6)]
+    actor_after = trainer.actor_hf_tensors()
+    res = {"logprobs": f.logprobs, "ref_logprobs": f.ref_logprobs, "values": f.values, "value_losses": losses,
+           "actor_unchanged": all(torch.equal(actor_before[k], actor_after[k]) for k in actor_before)}
+    m = trainer.train_step(batch, per_sample_noise(list(range(4)), batch.response_lengths, 3), f.logprobs,
+                           ref_logprobs=f.ref_logprobs, loss=LossSettings(ref_kl_coef=0.1))
+    res["ref_kl_metrics"] = m
+    res["values_after"] = trainer.forward(batch, values=True, actor=False).values
+    trainer.save_checkpoint(f"{out}/critic_ckpt")
+    res["critic_iterations"] = ckpt.list_iterations(f"{out}/critic_ckpt/critic")
+    del trainer
+    bf16 = MegatronTrainer(TrainerSettings(model=source, precision=PrecisionSettings(dtype="bf16"),
+                                           optimizer=OptimizerSettings(lr=1e-2)))
+    w0 = bf16.actor_hf_tensors()
+    fb = bf16.forward(batch)
+    res["bf16_metrics"] = bf16.train_step(batch, per_sample_noise(list(range(4)), batch.response_lengths, 4),
+                                          fb.logprobs)
+    w1 = bf16.actor_hf_tensors()
+    res["bf16_dtype"] = str(next(iter(w1.values())).dtype)
+    res["bf16_changed"] = sum(not torch.equal(w0[k], w1[k]) for k in w0) / len(w0)
+    res["bf16_logprobs"] = fb.logprobs
+    return res

@@ -1,0 +1,87 @@
+"""Megatron teacher mode, reference model, critic and bf16 (single-process launch)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import hf_logprobs, load_result
+
+
+@pytest.fixture(scope="module")
+def teacher(single_run):
+    return load_result(single_run, "teacher")
+
+
+def _max_diff(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    return max((g.double() - e.double()).abs().max().item() for g, e in zip(got, expected))
+
+
+def test_teacher_of_another_size_and_the_asked_iteration(teacher, hf_models):
+    """--opd-teacher-ckpt-step 3 loads iteration 3 (teacher_a); the default loads the latest, 7 (teacher_b).
+
+    The teacher is a 3-layer Llama of hidden 96; the student a 2-layer Qwen3 of hidden 64.
+    """
+    batch, temp = teacher["batch"], teacher["temperature"]
+    args = (batch["tokens"], batch["response_lengths"])
+    ref_a, rows_a = hf_logprobs(hf_models["teacher_a"], *args, temperature=temp)
+    ref_b, rows_b = hf_logprobs(hf_models["teacher_b"], *args, temperature=temp)
+    student, rows_s = hf_logprobs(hf_models["qwen3"], *args, temperature=temp)
+    assert _max_diff(teacher["step3"]["teacher_logprobs"], ref_a) <= 1e-5
+    assert _max_diff(teacher["step7"]["teacher_logprobs"], ref_b) <= 1e-5
+    assert _max_diff(teacher["step3"]["teacher_logprobs"], ref_b) > 1e-2     # the two iterations really differ
+    assert _max_diff(teacher["step7"]["logprobs"], student) <= 1e-5
+    # kl_mode="full": the exact KL(student || teacher) over the whole vocabulary, from both logit rows.
+    exact = [(s.exp() * (s - t)).sum(-1) for s, t in zip(rows_s, rows_b)]
+    assert _max_diff(teacher["step7"]["opd_kl"], exact) <= 1e-5
+    assert all((k > 0).all() for k in teacher["step7"]["opd_kl"])
+
+
+def test_teacher_errors_are_clear(teacher):
+    errors = teacher["errors"]
+    assert errors["missing"].startswith("FileNotFoundError") and "iteration 5" in errors["missing"]
+    assert "[3, 7]" in errors["missing"]                     # lists what is available
+    assert "vocab_size=128" in errors["vocab"] and "256" in errors["vocab"]
+    assert "teacher=True" in errors["full_without_teacher_flag"]
+
+
+def test_student_weights_stay_live_after_loading_teachers(teacher):
+    assert teacher["student_unchanged"] is True
+
+
+def test_teacher_equal_to_student_gives_zero_penalty(teacher):
+    same = teacher["same"]
+    for lp, tlp, kl in zip(same["logprobs"], same["teacher_logprobs"], same["opd_kl"]):
+        assert torch.equal(lp, tlp)                      # same weights, same micro-batch: identical rows
+        assert kl.abs().max().item() <= 1e-6             # exact KL of identical distributions
+    penalty = teacher["same_penalty"]
+    assert penalty["kl"].abs().max().item() == 0.0
+    assert penalty["advantages"].abs().max().item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def critic(single_run):
+    return load_result(single_run, "critic")
+
+
+def test_reference_model_scores_like_the_initial_student(critic):
+    assert all(torch.equal(a, b) for a, b in zip(critic["logprobs"], critic["ref_logprobs"]))
+    m = critic["ref_kl_metrics"]
+    assert m["ref_kl"] == pytest.approx(0.0, abs=1e-7) and m["update_successful"] == 1.0
+
+
+def test_critic_learns_returns_without_touching_the_actor(critic):
+    assert all(v.abs().max().item() == 0.0 for v in critic["values"])    # zero-initialised value head
+    losses = critic["value_losses"]
+    assert losses[-1] < losses[0] / 3
+    assert critic["actor_unchanged"] is True
+    assert all(v.abs().max().item() > 0.1 for v in critic["values_after"])
+    assert critic["critic_iterations"] == [1]
+
+
+def test_bf16_training_step(critic):
+    m = critic["bf16_metrics"]
+    assert m["update_successful"] == 1.0 and torch.isfinite(torch.tensor(m["loss"]))
+    assert critic["bf16_dtype"] == "torch.bfloat16"
+    assert critic["bf16_changed"] > 0.5
+    # bf16 log-probs stay close to the fp32 ones of the same weights.
+    assert max((a - b).abs().max().item() for a, b in zip(critic["bf16_logprobs"], critic["logprobs"])) < 0.1
