@@ -18,7 +18,6 @@ T=1; anything else is refused at construction.
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -26,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 
 from ..algo.align import response_logprobs_from_sglang, response_topk_from_sglang
-from ..rollout.engines.http import AsyncHTTP, InvalidResponse, RetryPolicy
+from ..rollout.engines.http import AsyncHTTP, Coalescer, InvalidResponse, RetryPolicy
 from ..rollout.engines.sglang import validate_ids
 from .base import Teacher, TeacherScores
 
@@ -90,8 +89,8 @@ class SGLangTeacher(Teacher):
                              backoff_max=config.backoff_max)
         self.http = http or AsyncHTTP(concurrency=config.concurrency, policy=policy)
         self.out_temperature = config.temperature if config.full_distribution else 1.0
-        self._queue: list = []
-        self._timer: asyncio.TimerHandle | None = None
+        self._coalescer = Coalescer(self.http, self._send_batch, window_ms=config.coalesce_ms,
+                                    max_size=config.max_batch)
 
     # ------------------------------------------------------------------------------------------------ requests
     def _item(self, tokens: list[int], response_len: int) -> tuple[list[int], int]:
@@ -118,34 +117,15 @@ class SGLangTeacher(Teacher):
         if self.config.coalesce_ms <= 0:
             return await self.http.post_json(self.url, self._payload(ids, start),
                                              lambda body: self._parse(_one(body), ids, response_len))
-        future = self.http.run_on_loop(self._enqueue(ids, start, response_len))
-        return await asyncio.wrap_future(future)
+        return await self._coalescer.submit(None, (ids, start, response_len))
 
-    # Coalescing: everything below runs on the HTTP client's loop thread.
-    async def _enqueue(self, ids: list[int], start: int, response_len: int) -> TeacherScores:
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        self._queue.append((ids, start, response_len, waiter))
-        if len(self._queue) >= self.config.max_batch:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.config.coalesce_ms / 1000.0, self._flush)
-        return await waiter
-
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._queue = self._queue, []
-        if batch:
-            asyncio.get_running_loop().create_task(self._send(batch))
-
-    async def _send(self, batch: list) -> None:
-        if len(batch) == 1:                     # a lone sample goes out in SGLang's single-request form
-            ids, start, _, _ = batch[0]
+    async def _send_batch(self, _key: Any, batch: list) -> list[TeacherScores]:
+        """Coalesced per-sample requests as one request (a lone sample keeps SGLang's single-request form)."""
+        if len(batch) == 1:
+            ids, start, _ = batch[0]
             payload = self._payload(ids, start)
         else:
-            payload = self._payload([ids for ids, _, _, _ in batch], [start for _, start, _, _ in batch])
+            payload = self._payload([ids for ids, _, _ in batch], [start for _, start, _ in batch])
 
         def parse(body: Any) -> list[TeacherScores]:
             if len(batch) == 1:
@@ -153,36 +133,9 @@ class SGLangTeacher(Teacher):
             if not isinstance(body, list) or len(body) != len(batch):
                 raise InvalidResponse(f"expected a list of {len(batch)} results, got "
                                       f"{len(body) if isinstance(body, list) else type(body).__name__}")
-            return [self._parse(b, ids, r) for b, (ids, _, r, _) in zip(body, batch)]
+            return [self._parse(b, ids, r) for b, (ids, _, r) in zip(body, batch)]
 
-        try:
-            results = await self.http.request_in_loop(self.url, payload, parse)
-        except BaseException as exc:   # every waiter of the batch gets the (clear, URL-naming) error
-            for *_, waiter in batch:
-                if not waiter.done():
-                    waiter.set_exception(exc)
-            return
-        for (*_, waiter), scores in zip(batch, results):
-            if not waiter.done():
-                waiter.set_result(scores)
-
-    async def ascore_many(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
-        """All non-empty responses in ONE batched request (a list of lists, per-item logprob_start_len)."""
-        todo = [(i, *self._item(t, r), r) for i, (t, r) in enumerate(items) if r > 0]
-        out = [self._empty() for _ in items]
-        if not todo:
-            return out
-
-        def parse(body: Any) -> list[TeacherScores]:
-            if not isinstance(body, list) or len(body) != len(todo):
-                raise InvalidResponse(f"expected a list of {len(todo)} results, got "
-                                      f"{len(body) if isinstance(body, list) else type(body).__name__}")
-            return [self._parse(b, ids, r) for b, (_, ids, _, r) in zip(body, todo)]
-
-        payload = self._payload([ids for _, ids, _, _ in todo], [start for _, _, start, _ in todo])
-        for (i, *_), scores in zip(todo, await self.http.post_json(self.url, payload, parse)):
-            out[i] = scores
-        return out
+        return await self.http.request_in_loop(self.url, payload, parse)
 
     def score_samples(self, samples: list) -> None:
         """Synchronous batched scoring of ``Sample`` objects (fills their teacher fields)."""

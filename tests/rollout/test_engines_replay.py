@@ -119,3 +119,28 @@ def test_bad_ids_are_refused_before_sending():
             with pytest.raises(ValueError):
                 eng.generate(bad, SamplingParams(max_new_tokens=2))
         assert srv.requests == []
+
+
+def test_concurrent_generate_calls_share_one_request():
+    cap = capture("generate_batch_sampled")
+    p1, p2 = cap["request"]["input_ids"]
+    with LoopbackServer(default=Reply(200, cap["response"])) as srv:
+        eng = engine(srv.url, coalesce_ms=50)
+        params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1234)
+
+        async def per_group():
+            return await asyncio.gather(eng.agenerate([p1], params, n=2), eng.agenerate([p2], params, n=2))
+
+        first, second = asyncio.run(per_group())
+        assert srv.count("/generate") == 1 and srv.requests[0][1]["input_ids"] == [p1, p2]
+        assert [g.output_ids for g in first[0]] == [x["output_ids"] for x in cap["response"][:2]]
+        assert [g.output_ids for g in second[0]] == [x["output_ids"] for x in cap["response"][2:]]
+        other = SamplingParams(max_new_tokens=8, temperature=0.5)
+
+        async def mixed():                         # different settings never share a request
+            return await asyncio.gather(eng.agenerate([p1], params, n=2), eng.agenerate([p2], other, n=2))
+
+        srv.default = Reply(200, cap["response"][:2])
+        asyncio.run(mixed())
+        assert srv.count("/generate") == 3
+        eng.shutdown()

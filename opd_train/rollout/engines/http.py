@@ -231,3 +231,57 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Coalescer:
+    """Merges calls that arrive within ``window_ms`` of each other (and share a key) into one batched call.
+
+    ``send(key, items) -> results`` (a coroutine, run on the client's loop) makes the batched request and returns one
+    result per item, in order; an exception fails every caller of that batch. A batch is sent when the window
+    closes or when its items' total ``size`` reaches ``max_size``. Per-sample / per-group callers thus keep their
+    simple API while the server sees a few large requests: on a busy 2-core machine each HTTP request costs
+    ~1-2 ms of client + server CPU, as much as a whole batched forward of a tiny model.
+    """
+
+    def __init__(self, http: AsyncHTTP, send: Callable[[Any, list], Any], *, window_ms: float = 2.0,
+                 max_size: int = 256, size: Callable[[Any], int] = lambda item: 1):
+        self.http, self.send, self.window, self.max_size, self.size = http, send, window_ms / 1000.0, max_size, size
+        self._pending: dict[Any, list] = {}
+        self._timers: dict[Any, asyncio.TimerHandle] = {}
+        self.batches_sent = 0
+
+    async def submit(self, key: Any, item: Any) -> Any:
+        """From any event loop: the result for ``item`` once its batch is answered."""
+        return await asyncio.wrap_future(self.http.run_on_loop(self._enqueue(key, item)))
+
+    async def _enqueue(self, key: Any, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        queue = self._pending.setdefault(key, [])
+        queue.append((item, waiter))
+        if sum(self.size(i) for i, _ in queue) >= self.max_size:
+            self._flush(key)
+        elif key not in self._timers:
+            self._timers[key] = loop.call_later(self.window, self._flush, key)
+        return await waiter
+
+    def _flush(self, key: Any) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self._pending.pop(key, [])
+        if batch:
+            self.batches_sent += 1
+            asyncio.get_running_loop().create_task(self._run(key, batch))
+
+    async def _run(self, key: Any, batch: list) -> None:
+        try:
+            results = await self.send(key, [item for item, _ in batch])
+        except BaseException as exc:        # every caller of the batch gets the (URL-naming) error
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+            return
+        for (_, waiter), result in zip(batch, results):
+            if not waiter.done():
+                waiter.set_result(result)
