@@ -4,7 +4,8 @@
 
 Builds a tiny random Qwen3 student (hidden 64, 2 layers) and teacher (hidden 128, 4 layers), serves each from its
 own engine subprocess (as the driver does), and times what one OPD rollout step asks of them:
-1. ``generate``: ONE batched request, ``prompts`` x ``n`` samples of ``new-tokens`` tokens (student);
+1. ``generate``: ONE batched request, ``prompts`` x ``n`` samples of ``new-tokens`` tokens (student), and the same
+   as one concurrent call per prompt group (coalesced by the client into a few requests);
 2. ``teacher per-sample``: every sample scored by its own concurrent request (``reward_func``'s pattern), with the
    teacher's full distribution (``top_logprobs_num = vocab``) for the exact-KL mode;
 3. ``teacher batched``: the same scoring in one request (``post_process_rewards``'s pattern);
@@ -64,6 +65,12 @@ def run(args: argparse.Namespace) -> list[str]:
         params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, ignore_eos=True)
         lines.append(_report(f"generate {args.prompts}x{args.n}x{args.new_tokens} tok",
                              _time(lambda: eng.generate(prompts, params, n=args.n), args.steps)))
+
+        async def per_group():                       # the rollout manager's pattern: one call per prompt group
+            return await asyncio.gather(*(eng.agenerate([p], params, n=args.n) for p in prompts))
+
+        lines.append(_report(f"generate per-group x{args.prompts} calls", _time(lambda: asyncio.run(per_group()),
+                                                                              args.steps)))
         groups = eng.generate(prompts, params, n=args.n)
         items = [(g.prompt_ids + g.output_ids, len(g.output_ids)) for grp in groups for g in grp]
         teacher = SGLangTeacher(SGLangTeacherConfig(url=teacher_srv.url, vocab_size=args.vocab,

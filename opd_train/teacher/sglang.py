@@ -139,7 +139,7 @@ class SGLangTeacher(Teacher):
 
     def score_samples(self, samples: list) -> None:
         """Synchronous batched scoring of ``Sample`` objects (fills their teacher fields)."""
-        results = self.http._submit(self.ascore_many([(s.tokens, s.response_length) for s in samples])).result()
+        results = self.http.run_on_loop(self.ascore_many([(s.tokens, s.response_length) for s in samples])).result()
         for sample, scores in zip(samples, results):
             scores.attach(sample)
 

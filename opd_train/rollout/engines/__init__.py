@@ -7,7 +7,8 @@
   and our CPU engine (``opd_train.serving``) alike.
 - ``launch.py``: :func:`launch_sglang_server` (GPU machines; sglang is never imported, only looked for) and
   :func:`launch_cpu_engine` start a :class:`ManagedServer` subprocess, wait for ``/health`` and stop it cleanly.
-- ``http.py``: :class:`AsyncHTTP`, the shared retrying aiohttp client (also used by the SGLang teacher).
+- ``http.py``: :class:`AsyncHTTP`, the shared retrying aiohttp client (also used by the SGLang teacher), and
+  :class:`Coalescer`, which merges concurrent per-group / per-sample calls into a few batched requests.
 
 Typical use::
 
@@ -18,10 +19,10 @@ Typical use::
     engine.shutdown()
 """
 from .base import Generation, PromptScores, RolloutEngine, SamplingParams
-from .http import AsyncHTTP, InvalidResponse, RequestFailed, RetryPolicy
+from .http import AsyncHTTP, Coalescer, InvalidResponse, RequestFailed, RetryPolicy
 from .launch import ManagedServer, free_port, is_sglang_available, launch_cpu_engine, launch_sglang_server
 from .sglang import SGLangEngine, validate_ids
 
-__all__ = ["AsyncHTTP", "Generation", "InvalidResponse", "ManagedServer", "PromptScores", "RequestFailed",
+__all__ = ["AsyncHTTP", "Coalescer", "Generation", "InvalidResponse", "ManagedServer", "PromptScores", "RequestFailed",
            "RetryPolicy", "RolloutEngine", "SGLangEngine", "SamplingParams", "free_port", "is_sglang_available",
            "launch_cpu_engine", "launch_sglang_server", "validate_ids"]
