@@ -128,8 +128,8 @@ def test_filters_that_keep_only_the_argmax_are_greedy(server, hf, sp):
 
 
 def test_top_k_sampling_stays_in_the_top_k(server, hf):
-    _, body = post(server.url + "/generate", {"input_ids": [PROMPTS[3]] * 16, "sampling_params": {
-        "max_new_tokens": 1, "top_k": 3, "temperature": 2.0}})
+    _, body = post(server.url + "/generate", {"input_ids": PROMPTS[3], "sampling_params": {
+        "max_new_tokens": 1, "top_k": 3, "temperature": 2.0, "n": 32, "sampling_seed": 5}})
     allowed = hf_logprobs(hf, PROMPTS[3])[-1].topk(3).indices.tolist()
     firsts = {b["output_ids"][0] for b in body}
     assert firsts <= set(allowed) and len(firsts) > 1
