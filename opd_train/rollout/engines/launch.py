@@ -75,8 +75,8 @@ class ManagedServer:
                                             start_new_session=True)
         finally:
             log.close()
-        _LIVE.add(self)
-        try:
+        try:                                # from here on, any failure stops the process it started
+            _LIVE.add(self)
             self.wait_healthy(health_timeout)
         except BaseException:
             self.stop()
