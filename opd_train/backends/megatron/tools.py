@@ -46,10 +46,29 @@ def convert_torch_dist_to_hf(load_dir: str, hf_dir: str, *, step: int | None = N
         return hf_dir
 
 
+def check_conversion(direction: str, src: str, step: int | None, dtype: str | None) -> None:
+    """Cheap checks before any process group or model: clear errors naming the argument and the fix."""
+    if direction not in ("hf2dist", "dist2hf"):
+        raise ValueError(f"direction {direction!r}: use hf2dist (HF dir -> torch_dist) or dist2hf")
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"dtype {dtype!r}: use one of {tuple(DTYPES)}")
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"source {src!r} is not a directory")
+    if direction == "hf2dist":
+        arch_from_hf_config(read_hf_config(src))          # supported family, sane config
+        if not any(n.endswith(".safetensors") for n in os.listdir(src)):
+            raise FileNotFoundError(f"{src!r} has no *.safetensors weights")
+        if step is not None and step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+    else:
+        ckpt.read_arch(src, ckpt.resolve_iteration(src, step))
+
+
 def run_conversion(direction: str, src: str, dst: str, *, step: int | None, dtype: str | None,
                    master_port: int = 29511) -> str:
     """Single-process conversion for the command line (sets up and tears down the process group)."""
     from .dist import destroy_distributed, init_distributed
+    check_conversion(direction, src, step, dtype)
     init_distributed(rank=0, world_size=1, master_port=master_port)
     try:
         if direction == "hf2dist":

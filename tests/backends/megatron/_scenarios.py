@@ -229,18 +229,24 @@ def teacher(spec: dict, out: str) -> dict:
 
 
 # ---- reference model, critic, bf16 ----------------------------------------------------------------------------
+def _critic_settings(source: ModelSource, **checkpoint) -> TrainerSettings:
+    # The critic uses Megatron's non-distributed optimizer (the actor the distributed one): both get resumed.
+    return TrainerSettings(model=source, reference=source, optimizer=OptimizerSettings(lr=1e-3),
+                           checkpoint=CheckpointSettings(**checkpoint),
+                           critic=CriticSettings(source=source, optimizer=OptimizerSettings(
+                               lr=3e-3, clip_grad=0.0, use_distributed_optimizer=False)))
+
+
 def critic(spec: dict, out: str) -> dict:
     source = ModelSource(hf_path=spec["hf"]["qwen3"])
-    trainer = MegatronTrainer(TrainerSettings(
-        model=source, reference=source, optimizer=OptimizerSettings(lr=1e-3),
-        critic=CriticSettings(source=source, optimizer=OptimizerSettings(lr=3e-3, clip_grad=0.0))))
+    trainer = MegatronTrainer(_critic_settings(source))
     batch = make_batch(41, 4)
     f = trainer.forward(batch, ref=True, values=True)
     actor_before = trainer.actor_hf_tensors()
     returns = [torch.full((r,), 0.5) + 0.1 * n for r, n in
                zip(batch.response_lengths, per_sample_noise(list(range(4)), batch.response_lengths, 9))]
-    losses = [trainer.train_critic_step(batch, returns, f.values, loss=LossSettings(value_clip=None))["value_loss"]
-              for _ in range(6)]
+    value_loss = LossSettings(value_clip=None)
+    losses = [trainer.train_critic_step(batch, returns, f.values, loss=value_loss)["value_loss"] for _ in range(6)]
     actor_after = trainer.actor_hf_tensors()
     res = {"logprobs": f.logprobs, "ref_logprobs": f.ref_logprobs, "values": f.values, "value_losses": losses,
            "actor_unchanged": all(torch.equal(actor_before[k], actor_after[k]) for k in actor_before)}
@@ -250,7 +256,12 @@ def critic(spec: dict, out: str) -> dict:
     res["values_after"] = trainer.forward(batch, values=True, actor=False).values
     trainer.save_checkpoint(f"{out}/critic_ckpt")
     res["critic_iterations"] = ckpt.list_iterations(f"{out}/critic_ckpt/critic")
-    del trainer
+    resumed = MegatronTrainer(_critic_settings(source, load=f"{out}/critic_ckpt"))
+    res["resumed_values"] = resumed.forward(batch, values=True, actor=False).values
+    res["next_loss"] = [t.train_critic_step(batch, returns, f.values, loss=value_loss)["value_loss"]
+                        for t in (trainer, resumed)]
+    res["next_values"] = [t.forward(batch, values=True, actor=False).values for t in (trainer, resumed)]
+    del trainer, resumed
     bf16 = MegatronTrainer(TrainerSettings(model=source, precision=PrecisionSettings(dtype="bf16"),
                                            optimizer=OptimizerSettings(lr=1e-2)))
     w0 = bf16.actor_hf_tensors()

@@ -78,6 +78,14 @@ def test_critic_learns_returns_without_touching_the_actor(critic):
     assert critic["critic_iterations"] == [1]
 
 
+def test_critic_resumes_with_the_non_distributed_optimizer(critic):
+    """The critic (Megatron's non-distributed optimizer) saved at step 1 and reloaded in a new trainer."""
+    assert all(torch.equal(a, b) for a, b in zip(critic["values_after"], critic["resumed_values"]))
+    first, second = critic["next_loss"]
+    assert second == pytest.approx(first, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(*critic["next_values"]))
+
+
 def test_bf16_training_step(critic):
     m = critic["bf16_metrics"]
     assert m["update_successful"] == 1.0 and torch.isfinite(torch.tensor(m["loss"]))
