@@ -1,0 +1,107 @@
+"""Observability of a run: a progress bar, per-step metrics to JSONL and TensorBoard, a PNG plot at the end.
+
+Files in ``--output-dir``: ``metrics.jsonl`` (one JSON object per rollout step: ``{"step": k, "<name>": value}``,
+appended, so a resumed run continues the same file), ``tensorboard/`` (event files), ``curves.png``.
+Metric names: ``rollout/*`` (reward, accuracy, response length), ``opd/*`` (reverse KL, teacher log-prob mean),
+``train/*`` (loss, entropy, grad norm, clip fraction...), ``eval/*`` (pass@1), ``time/*`` (seconds per phase),
+``perf/*`` (throughput).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable
+
+from .config import LogConfig
+
+# Curves of the PNG (those present are drawn), in this order.
+PLOTTED = ("eval/pass@1", "rollout/accuracy", "rollout/reward", "opd/reverse_kl", "opd/teacher_logprob_mean",
+           "train/loss", "train/entropy", "perf/step_seconds")
+BAR_KEYS = {"eval/pass@1": "eval", "rollout/accuracy": "acc", "opd/reverse_kl": "kl", "rollout/reward": "r"}
+
+
+class RunLogger:
+    def __init__(self, log: LogConfig, *, total_steps: int, start_step: int = 0, name: str = "opd"):
+        os.makedirs(log.output_dir, exist_ok=True)
+        self.dir = log.output_dir
+        self.jsonl_path = os.path.join(log.output_dir, "metrics.jsonl")
+        self._jsonl = open(self.jsonl_path, "a", buffering=1)
+        self._tb = None
+        if not log.no_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(log.output_dir, "tensorboard"))
+        self._bar = None
+        if not log.no_progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", dynamic_ncols=True)
+        self.last: dict[str, float] = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+        self.last.update(clean)
+        if self._bar is not None:
+            self._bar.set_postfix({short: f"{self.last[k]:.3g}" for k, short in BAR_KEYS.items() if k in self.last},
+                                  refresh=False)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def write(self, message: str) -> None:
+        """Print without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self, *, plot: bool = True) -> str | None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl.close()
+        return plot_curves(self.jsonl_path, os.path.join(self.dir, "curves.png")) if plot else None
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(jsonl_path: str, png_path: str, keys: Iterable[str] = PLOTTED,
+                runs: dict[str, str] | None = None) -> str | None:
+    """Plot the curves of one run (or of several: ``runs`` = {label: jsonl path}) into a PNG grid."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sources = runs or {"": jsonl_path}
+    data = {label: read_metrics(p) for label, p in sources.items() if os.path.isfile(p)}
+    present = [k for k in keys if any(k in row for rows in data.values() for row in rows)]
+    if not present:
+        return None
+    cols = min(3, len(present))
+    rows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, present):
+        for label, series in data.items():
+            pts = [(r["step"], r[key]) for r in series if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label or None)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("rollout step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

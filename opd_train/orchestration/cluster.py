@@ -1,0 +1,77 @@
+"""Ray: a local cluster or an existing one (``--ray-address``), and where actors go (CPU or GPU resources).
+
+On a machine without GPUs nothing ever asks Ray for a GPU (an actor requesting one would wait forever). Local
+clusters are started with enough *logical* CPU slots for the actors of the run (trainer ranks + the rollout
+manager); the actors mostly run one phase at a time, so oversubscribing a small machine's cores is intended.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..config import ClusterConfig
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str                 # "cpu" | "cuda"
+    trainer_bundles: list[dict]  # one bundle per trainer rank
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.device == "cuda"
+
+
+def start_ray(cluster: ClusterConfig, *, min_cpus: int) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (the caller shuts it down)."""
+    import ray
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE",
+                                                                                           "disabled")}}
+    if cluster.ray_address:
+        ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
+    else:
+        cpus = cluster.num_cpus or max(os.cpu_count() or 1, min_cpus)
+        ray.init(num_cpus=max(cpus, min_cpus), num_gpus=None if _has_cuda() else 0, include_dashboard=False,
+                 runtime_env=env, log_to_driver=True)
+    return True
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def plan_placement(cluster: ClusterConfig, world_size: int) -> Placement:
+    """Trainer ranks on GPUs when asked/available in the Ray cluster, else on CPU slots. Clear errors otherwise."""
+    import ray
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    device = cluster.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda" and gpus < world_size:
+        raise RuntimeError(f"the trainer needs {world_size} GPUs (--actor-num-nodes x --actor-num-gpus-per-node) but "
+                           f"the Ray cluster has {gpus}; lower them or use --device cpu")
+    bundle = {"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1}
+    return Placement(device=device, trainer_bundles=[dict(bundle) for _ in range(world_size)])
+
+
+def trainer_placement_group(placement: Placement):
+    """A placement group reserving one bundle per trainer rank (PACK: ranks of a node stay together)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    pg = placement_group(placement.trainer_bundles, strategy="PACK")
+    ray.get(pg.ready(), timeout=120)
+    return pg
+
+
+def node_address() -> tuple[str, int]:
+    """This process's node IP and a free TCP port on it (rank 0's torch.distributed rendezvous)."""
+    import socket
+
+    import ray
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return ip, s.getsockname()[1]

@@ -1,0 +1,89 @@
+"""Small pieces the training loop uses: phase timers, evaluation, teacher-failure classification, save dirs."""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+from ..config import Config
+
+
+class Timer:
+    """Seconds per phase of one rollout step (``time/<phase>``) and throughput (``perf/*``)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self, num_samples: int) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        return {**{f"time/{k}": v for k, v in self.phases.items()}, "perf/step_seconds": total,
+                "perf/samples_per_second": num_samples / max(total, 1e-9)}
+
+
+class TeacherUnavailable(RuntimeError):
+    """The SGLang teacher did not answer after all retries; the run stopped with a resumable checkpoint."""
+
+    def __init__(self, message: str, *, url: str | None = None):
+        super().__init__(message)
+        self.url, self.checkpoint, self.checkpoint_step = url, None, None
+
+    def with_checkpoint(self, path: str, step: int) -> "TeacherUnavailable":
+        self.checkpoint, self.checkpoint_step = path, step
+        return self
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError.cause) and chained causes."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def as_teacher_failure(exc: BaseException, cfg: Config) -> BaseException:
+    """A :class:`TeacherUnavailable` when ``exc`` is the teacher client giving up on ``--rm-url``, else ``exc``."""
+    from ..rollout.engines import RequestFailed
+    cause = _root_cause(exc)
+    url = cfg.reward.rm_url
+    if url and isinstance(cause, RequestFailed) and cause.url.startswith(url.rstrip("/").removesuffix("/generate")):
+        return TeacherUnavailable(f"the teacher at {cause.url} did not answer after {cause.attempts} attempts "
+                                  f"({cause}); the run stopped", url=cause.url)
+    return exc
+
+
+def save_dir_of(cfg: Config) -> str:
+    """Where checkpoints go: ``--save``, else ``OUTPUT_DIR/checkpoints`` (used for the failure checkpoint)."""
+    return cfg.checkpoint.save or os.path.join(cfg.log.output_dir, "checkpoints")
+
+
+def eval_settings(cfg: Config, prompts, rt, log):
+    """``evaluate(step) -> metrics``: pass@1 on the held-out prompts with the engines' current weights."""
+    import ray
+    d = cfg.data
+
+    def evaluate(step: int) -> dict:
+        if prompts is None:
+            return {}
+        t0 = time.perf_counter()
+        metrics = ray.get(rt.rollout.evaluate.remote(
+            prompts, n=d.n_samples_per_eval_prompt, temperature=d.eval_temperature,
+            max_new_tokens=d.eval_max_response_len or cfg.rollout.rollout_max_response_len))
+        metrics["time/eval"] = time.perf_counter() - t0
+        log.log(step, metrics)
+        log.write(f"[opd-train] step {step}: eval pass@1 {metrics['eval/pass@1']:.3f} "
+                  f"({int(metrics['eval/num_samples'])} samples)")
+        return metrics
+    return evaluate

@@ -1,0 +1,199 @@
+"""The trainer: a group of Ray actors, one per rank, each running the Megatron backend (DP x TP over gloo / nccl).
+
+:class:`TrainerGroup` is what the training loop talks to. It splits the global batch into optimizer steps
+(``--global-batch-size``) and each step's samples over the data-parallel ranks (every TP rank of a DP group gets
+the same share, as Megatron requires), calls all ranks concurrently, and puts per-sample results back in batch
+order. Normalisers are the GLOBAL counts, so DP=2 computes the same update as DP=1 on the same batch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..backends.megatron import LossSettings, TrainBatch, TrainerSettings
+from .cluster import Placement, node_address, trainer_placement_group
+
+
+def _ray():
+    import ray
+    return ray
+
+
+class TrainerActor:
+    """One trainer rank (wrapped by ``ray.remote`` in :meth:`TrainerGroup.create`)."""
+
+    def address(self) -> tuple[str, int]:
+        return node_address()
+
+    def setup(self, *, rank: int, world_size: int, master: tuple[str, int], settings: TrainerSettings,
+              threads: int | None) -> dict:
+        if threads:
+            torch.set_num_threads(threads)
+        from ..backends.megatron import init_distributed
+        from .opd_trainer import OPDTrainer
+        ctx = init_distributed(rank=rank, world_size=world_size, master_addr=master[0], master_port=master[1],
+                               tensor_parallel=settings.parallel.tensor_parallel, seed=settings.seed)
+        self.trainer = OPDTrainer(settings, ctx)
+        self.ctx = ctx
+        return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank, "step": self.trainer.step}
+
+    def forward(self, batch: TrainBatch, kwargs: dict):
+        return self.trainer.forward(batch, **kwargs)
+
+    def train_step(self, batch: TrainBatch, advantages, old_logprobs, ref_logprobs, teacher_rows,
+                   kwargs: dict) -> dict:
+        return self.trainer.train_step(batch, advantages, old_logprobs, ref_logprobs=ref_logprobs,
+                                       teacher_rows=teacher_rows, **kwargs)
+
+    def train_critic_step(self, batch: TrainBatch, returns, old_values, kwargs: dict) -> dict:
+        return self.trainer.train_critic_step(batch, returns, old_values, **kwargs)
+
+    def save_checkpoint(self, directory: str, step: int) -> str:
+        return self.trainer.save_checkpoint(directory, step)
+
+    def export_hf(self, directory: str) -> str:
+        return self.trainer.export_hf(directory)
+
+    def step(self) -> int:
+        return self.trainer.step
+
+    def shutdown(self) -> None:
+        from ..backends.megatron import destroy_distributed
+        destroy_distributed()
+
+
+@dataclass
+class _Rank:
+    actor: object
+    rank: int
+    dp_rank: int
+    tp_rank: int
+
+
+class TrainerGroup:
+    """``world_size`` trainer actors; ``dp_size = world_size / tensor_parallel``."""
+
+    def __init__(self, ranks: list[_Rank], tp: int, placement_group):
+        self.ranks, self.tp, self.pg = ranks, tp, placement_group
+        self.dp = len(ranks) // tp
+
+    @classmethod
+    def create(cls, settings: TrainerSettings, *, world_size: int, placement: Placement,
+               threads_per_rank: int | None = None) -> "TrainerGroup":
+        ray = _ray()
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        pg = trainer_placement_group(placement)
+        remote = ray.remote(TrainerActor)
+        actors = []
+        for i, bundle in enumerate(placement.trainer_bundles):
+            strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+            actors.append(remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                                         scheduling_strategy=strategy, name=None).remote())
+        master = ray.get(actors[0].address.remote())
+        infos = ray.get([a.setup.remote(rank=i, world_size=world_size, master=master, settings=settings,
+                                        threads=threads_per_rank) for i, a in enumerate(actors)])
+        ranks = [_Rank(a, info["rank"], info["dp_rank"], info["tp_rank"]) for a, info in zip(actors, infos)]
+        return cls(ranks, settings.parallel.tensor_parallel, pg)
+
+    # ---- batch splitting ---------------------------------------------------------------------------------
+    def _shares(self, n: int) -> list[list[int]]:
+        """Sample indices of each DP rank: contiguous, as even as possible (0..n split in dp parts)."""
+        bounds = [round(k * n / self.dp) for k in range(self.dp + 1)]
+        return [list(range(bounds[k], bounds[k + 1])) for k in range(self.dp)]
+
+    @staticmethod
+    def _take(values, idx: list[int]):
+        if values is None:
+            return None
+        if isinstance(values, torch.Tensor):
+            return values[idx]
+        return [values[i] for i in idx]
+
+    @staticmethod
+    def _sub_batch(batch: TrainBatch, idx: list[int]) -> TrainBatch:
+        return TrainBatch(tokens=[batch.tokens[i] for i in idx],
+                          response_lengths=[batch.response_lengths[i] for i in idx],
+                          loss_masks=None if batch.loss_masks is None else [batch.loss_masks[i] for i in idx])
+
+    def _call(self, method: str, batch: TrainBatch, per_sample: dict, kwargs: dict):
+        """Call ``method`` on every rank with its DP share; returns the results of TP rank 0 per DP rank."""
+        shares = self._shares(len(batch))
+        if any(not s for s in shares):
+            raise ValueError(f"{len(batch)} samples cannot be split over {self.dp} data-parallel ranks")
+        futures = []
+        for r in self.ranks:
+            idx = shares[r.dp_rank]
+            args = [self._take(v, idx) for v in per_sample.values()]
+            futures.append(getattr(r.actor, method).remote(self._sub_batch(batch, idx), *args, kwargs))
+        results = _ray().get(futures)
+        return [res for r, res in zip(self.ranks, results) if r.tp_rank == 0], shares
+
+    # ---- public API --------------------------------------------------------------------------------------
+    def forward(self, batch: TrainBatch, **kwargs):
+        """Forward-only scoring of the whole batch; a ForwardResult in batch order."""
+        from ..backends.megatron import ForwardResult
+        per_dp, shares = self._call("forward", batch, {}, kwargs)
+        merged = ForwardResult()
+        for name in vars(merged):
+            parts = [getattr(res, name) for res in per_dp]
+            if parts[0] is not None:
+                ordered: list = [None] * len(batch)
+                for idx, part in zip(shares, parts):
+                    for i, t in zip(idx, part):
+                        ordered[i] = t
+                setattr(merged, name, ordered)
+        return merged
+
+    def train(self, batch: TrainBatch, advantages: list[torch.Tensor], old_logprobs: list[torch.Tensor], *,
+              global_batch_size: int, loss: LossSettings, ref_logprobs=None, returns=None, old_values=None,
+              opd_full_kl_coef: float | None = None, teacher_rows=None) -> dict[str, float]:
+        """Optimizer steps over the rollout in minibatches of ``global_batch_size`` contiguous samples (groups
+        stay whole when the size is a multiple of the group size), each split over the DP ranks.
+
+        ``opd_full_kl_coef`` adds the exact-KL loss (``--opd-kl-mode full``; ``teacher_rows`` per sample from an
+        SGLang teacher, or None for the Megatron teacher). Returns the metrics averaged over the optimizer steps
+        (critic metrics prefixed ``critic/``).
+        """
+        steps = []
+        for start in range(0, len(batch), global_batch_size):
+            idx = list(range(start, min(start + global_batch_size, len(batch))))
+            sub = self._sub_batch(batch, idx)
+            kwargs = {"loss": loss, "num_samples": float(len(idx)) if loss.reduction == "sample_mean" else None,
+                      "num_tokens": float(sum(sum(sub.mask(i)) for i in range(len(sub))))
+                      if loss.reduction == "token_mean" else None}
+            metrics = {}
+            if returns is not None:
+                per_dp, _ = self._call("train_critic_step", sub, {"r": self._take(returns, idx),
+                                                                  "v": self._take(old_values, idx)}, kwargs)
+                metrics.update({f"critic/{k}": v for k, v in per_dp[0].items()})
+            per_dp, _ = self._call("train_step", sub, {"a": self._take(advantages, idx),
+                                                       "o": self._take(old_logprobs, idx),
+                                                       "r": self._take(ref_logprobs, idx),
+                                                       "t": self._take(teacher_rows, idx)},
+                                   {**kwargs, "opd_full_kl_coef": opd_full_kl_coef})
+            metrics.update(per_dp[0])
+            steps.append(metrics)
+        return {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]} | {"optimizer_steps": len(steps)}
+
+    def save_checkpoint(self, directory: str, step: int) -> str:
+        return _ray().get([r.actor.save_checkpoint.remote(directory, step) for r in self.ranks])[0]
+
+    def export_hf(self, directory: str) -> str:
+        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+        return _ray().get([r.actor.export_hf.remote(directory) for r in self.ranks])[0]
+
+    def step(self) -> int:
+        return _ray().get(self.ranks[0].actor.step.remote())
+
+    def shutdown(self) -> None:
+        ray = _ray()
+        try:
+            ray.get([r.actor.shutdown.remote() for r in self.ranks], timeout=60)
+        except Exception:  # noqa: BLE001 - best effort: the actors are killed below anyway
+            pass
+        for r in self.ranks:
+            ray.kill(r.actor)
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(self.pg)

@@ -1,0 +1,173 @@
+"""The rollout manager: a Ray actor that owns the student engines and turns prompts into scored samples.
+
+One rollout step: every prompt group is sent to an engine (round robin over ``--rollout-num-engines``) as its own
+request, so the engine's scheduler batches them; as soon as a group's ``n`` samples come back, the reward
+function runs on each (in SGLang-mode OPD that is the teacher request, so teacher scoring overlaps the rest of the
+generation), then the post-process hook turns rewards into the base-estimator rewards.
+
+Rewards: SGLang-mode OPD uses ``opd_train.rollout.on_policy_distillation`` (the teacher's log-probs land on the
+sample; the task reward, if any, is passed to it as ``opd_task_rm_path``); otherwise ``--custom-rm-path`` or the
+built-in ``--rm-type``, or 0 for pure distillation with a Megatron teacher. The eval reward (``--eval-rm-type``,
+default ``--rm-type``) is also computed on every rollout sample for logging (``rollout/accuracy``).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import OPD_POST_PROCESS, OPD_REWARD_FUNC, RewardConfig, RolloutConfig
+from .data import Prompt
+from .engines import SamplingParams
+from .rewards import call_reward, dotted_name, get_reward_function, load_function
+from .sample import Sample, Status
+
+
+@dataclass(frozen=True)
+class RewardPlan:
+    """Which functions score a sample (dotted paths, resolved inside the actor)."""
+    reward: str | None              # per-sample reward function (None: reward 0)
+    post_process: str | None        # (args, samples) -> (raw, rewards), or None: raw rewards
+    metric: str | None              # eval / logging reward (pass@1), or None
+    opd_task: str | None = None     # the task reward handed to the OPD reward hook (sglang mode)
+
+
+def plan_rewards(reward: RewardConfig, *, use_opd: bool, opd_type: str | None, opd_task_rm_path: str | None) -> RewardPlan:
+    builtin = dotted_name(get_reward_function(reward.rm_type)) if reward.rm_type else None
+    metric = reward.eval_rm_type or reward.rm_type
+    metric = dotted_name(get_reward_function(metric)) if metric else (reward.custom_rm_path if not use_opd else None)
+    if use_opd and opd_type == "sglang":
+        return RewardPlan(reward=reward.custom_rm_path or OPD_REWARD_FUNC,
+                          post_process=reward.custom_reward_post_process_path or OPD_POST_PROCESS,
+                          metric=metric, opd_task=opd_task_rm_path or builtin)
+    return RewardPlan(reward=reward.custom_rm_path or builtin, post_process=reward.custom_reward_post_process_path,
+                      metric=metric)
+
+
+def _status(finish_reason: str) -> Status:
+    return {"stop": Status.COMPLETED, "length": Status.TRUNCATED}.get(finish_reason, Status.ABORTED)
+
+
+class RolloutManager:
+    """Ray async actor (``ray.remote(RolloutManager)``); every method runs on the actor's event loop."""
+
+    def __init__(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan, *, engine_kind: str,
+                 vocab_size: int, log_dir: str | None = None, engine_threads: int | None = None):
+        self.cfg, self.hf_dir, self.plan = rollout, hf_dir, plan
+        self.args = args
+        self.engine_kind, self.vocab_size = engine_kind, vocab_size
+        self.log_dir, self.engine_threads = log_dir, engine_threads
+        self.engines: list = []
+        from .data import load_tokenizer
+        self.tokenizer = load_tokenizer(hf_dir)
+        self._fns: dict[str, Callable] = {}
+
+    def _fn(self, path: str | None) -> Callable | None:
+        if path is None:
+            return None
+        if path not in self._fns:
+            self._fns[path] = load_function(path)
+        return self._fns[path]
+
+    # ---- engines -----------------------------------------------------------------------------------------
+    async def start(self) -> list[str]:
+        """Launch the student engines (subprocesses) and wait until they are healthy; returns their URLs."""
+        from .engines import SGLangEngine, launch_cpu_engine, launch_sglang_server
+        import os
+        for i in range(self.cfg.rollout_num_engines):
+            log = os.path.join(self.log_dir, f"engine{i}.log") if self.log_dir else None
+            if self.engine_kind == "sglang":
+                extra = tuple(["--tp", str(self.cfg.rollout_num_gpus_per_engine), "--skip-tokenizer-init"]
+                              + (self.cfg.sglang_extra_args or "").split())
+                server = await asyncio.to_thread(launch_sglang_server, self.hf_dir, extra_args=extra, log_path=log)
+            else:
+                server = await asyncio.to_thread(launch_cpu_engine, self.hf_dir, num_threads=self.engine_threads,
+                                                 log_path=log)
+            self.engines.append(SGLangEngine(server=server, vocab_size=self.vocab_size))
+        return [e.url for e in self.engines]
+
+    async def update_weights(self, hf_dir: str, version: str) -> float:
+        """Every engine loads the trainer's exported HF directory; returns the seconds it took."""
+        start = time.perf_counter()
+        await asyncio.gather(*(asyncio.to_thread(e.update_weights_from_disk, hf_dir, version) for e in self.engines))
+        return time.perf_counter() - start
+
+    async def shutdown(self) -> None:
+        for e in self.engines:
+            await asyncio.to_thread(e.shutdown)
+        self.engines = []
+        from .on_policy_distillation import close_teachers
+        close_teachers()
+
+    # ---- rollout -----------------------------------------------------------------------------------------
+    def _params(self, *, max_new_tokens: int, temperature: float, seed: int | None) -> SamplingParams:
+        stops = tuple(int(x) for x in (self.cfg.rollout_stop_token_ids or "").split(",") if x.strip())
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            stops = tuple(sorted(set(stops) | {int(eos)}))
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=self.cfg.rollout_top_p if temperature > 0 else 1.0,
+                              top_k=self.cfg.rollout_top_k if temperature > 0 else -1,
+                              stop_token_ids=stops, seed=seed)
+
+    def _samples(self, prompt: Prompt, group: int, n: int, generations) -> list[Sample]:
+        out = []
+        for j, g in enumerate(generations):
+            out.append(Sample(index=group * n + j, group_index=group, prompt=prompt.text, label=prompt.label,
+                              tokens=list(prompt.ids) + list(g.output_ids),
+                              response=self.tokenizer.decode(g.output_ids, skip_special_tokens=True),
+                              response_length=len(g.output_ids), rollout_log_probs=list(g.output_logprobs),
+                              status=_status(g.finish_reason), metadata={"weight_version": g.weight_version}))
+        return out
+
+    async def _group(self, engine, prompt: Prompt, group: int, n: int, params: SamplingParams,
+                     reward: Callable | None, metric: Callable | None) -> list[Sample]:
+        generations = (await engine.agenerate([list(prompt.ids)], params, n))[0]
+        samples = self._samples(prompt, group, n, generations)
+
+        async def score(s: Sample) -> None:
+            if s.status == Status.ABORTED:
+                return
+            if reward is not None:
+                s.reward = await call_reward(reward, self.args, s)
+            if metric is not None:
+                s.metadata["metric"] = float(await call_reward(metric, self.args, s))
+
+        await asyncio.gather(*(score(s) for s in samples))
+        return samples
+
+    async def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Sample], dict[str, float]]:
+        """Samples of one rollout step (groups adjacent, in prompt order) with rewards, and timing metrics."""
+        n, start = self.cfg.n_samples_per_prompt, time.perf_counter()
+        params = self._params(max_new_tokens=self.cfg.rollout_max_response_len,
+                              temperature=self.cfg.rollout_temperature, seed=self.cfg.rollout_seed * 100_003 + step)
+        reward, metric = self._fn(self.plan.reward), self._fn(self.plan.metric)
+        groups = await asyncio.gather(*(
+            self._group(self.engines[g % len(self.engines)], p, g, n, params, reward, metric)
+            for g, p in enumerate(prompts)))
+        samples = [s for grp in groups for s in grp]
+        generated = time.perf_counter()
+        post = self._fn(self.plan.post_process)
+        if post is not None:
+            _, rewards = post(self.args, samples)
+        else:
+            rewards = [0.0 if s.reward is None or s.status == Status.ABORTED else s.get_reward_value(
+                getattr(self.args, "reward_key", None)) for s in samples]
+        for s, r in zip(samples, rewards):
+            s.metadata["train_reward"] = float(r)
+        return samples, {"time/generate": generated - start, "time/post_process": time.perf_counter() - generated}
+
+    async def evaluate(self, prompts: list[Prompt], *, n: int, max_new_tokens: int, temperature: float) -> dict:
+        """pass@1 (mean metric reward over ``n`` samples per prompt) with the current weights."""
+        metric = self._fn(self.plan.metric)
+        if metric is None:
+            raise ValueError("evaluation needs a reward: set --eval-rm-type (or --rm-type)")
+        params = self._params(max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
+        groups = await asyncio.gather(*(
+            self._group(self.engines[g % len(self.engines)], p, g, n, params, None, metric)
+            for g, p in enumerate(prompts)))
+        scores = [s.metadata.get("metric", 0.0) for grp in groups for s in grp]
+        lengths = [s.response_length for grp in groups for s in grp]
+        return {"eval/pass@1": sum(scores) / len(scores), "eval/response_len": sum(lengths) / len(lengths),
+                "eval/num_samples": float(len(scores))}

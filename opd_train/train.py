@@ -1,0 +1,100 @@
+"""The training loop of ``opd-train``: one rollout step reads as the algorithm (SPEC section 1).
+
+    rollout (student engines; in sglang mode the teacher scores each sample as it finishes)
+    -> old / ref / teacher log-probs (trainer forward)  -> advantages (base estimator)  -> apply_opd
+    -> whiten -> train (policy loss; exact-KL loss in full mode) -> weight sync trainer -> engines
+    -> eval / save
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from .config import Config
+from .observability import RunLogger
+from .orchestration.runtime import Runtime
+from .orchestration.step import (compute_step_advantages, loss_settings, rollout_metrics, teacher_logprobs,
+                                 teacher_rows, to_train_batch)
+from .rollout.data import PromptDataset, load_prompts, load_tokenizer
+from .orchestration.support import Timer, TeacherUnavailable, as_teacher_failure, eval_settings, save_dir_of
+
+
+def run(cfg: Config) -> dict:
+    """Train for ``--num-rollout`` steps (resuming from ``--load``); returns the final metrics."""
+    os.makedirs(cfg.log.output_dir, exist_ok=True)
+    tok = load_tokenizer(cfg.model.hf_checkpoint)
+    d = cfg.data
+    train_prompts = load_prompts(d.prompt_data, tok, input_key=d.input_key, label_key=d.label_key,
+                                 apply_chat_template=d.apply_chat_template,
+                                 require_labels=bool(cfg.reward.rm_type or cfg.reward.eval_rm_type))
+    eval_prompts = None if d.eval_prompt_data is None else load_prompts(
+        d.eval_prompt_data, tok, input_key=d.input_key, label_key=d.label_key,
+        apply_chat_template=d.apply_chat_template, max_prompts=d.eval_max_prompts, require_labels=True)
+    dataset = PromptDataset(train_prompts, shuffle=d.rollout_shuffle, seed=cfg.rollout.rollout_seed)
+    rt = Runtime.start(cfg, save_dir_of(cfg))
+    try:
+        return _loop(cfg, rt, dataset, eval_prompts)
+    finally:
+        rt.close()
+
+
+def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dict:
+    import ray
+    ro, o = cfg.rollout, cfg.opd
+    start = rt.trainers.step() if cfg.checkpoint.load else 0
+    log = RunLogger(cfg.log, total_steps=ro.num_rollout, start_step=start, name=os.path.basename(cfg.log.output_dir))
+    weights_dir = os.path.join(cfg.log.output_dir, "weights", "actor")
+    if start:                                                   # resumed: engines must serve the trained weights
+        ray.get(rt.rollout.update_weights.remote(rt.trainers.export_hf(weights_dir), f"step-{start}"))
+    evaluate = eval_settings(cfg, eval_prompts, rt, log)
+    final = evaluate(start) if start == 0 else {}
+    step = start
+    try:
+        for step in range(start + 1, ro.num_rollout + 1):
+            t = Timer()
+            with t("rollout"):
+                try:
+                    samples, timing = ray.get(rt.rollout.generate.remote(dataset.batch(step - 1,
+                                                                                       ro.rollout_batch_size), step))
+                except Exception as exc:                        # noqa: BLE001 - classified just below
+                    raise as_teacher_failure(exc, cfg) from exc
+                batch = to_train_batch(samples)
+            with t("forward"):
+                megatron_teacher = o.use_opd and o.opd_type == "megatron"
+                scored = rt.trainers.forward(batch, actor=True, with_entropy=True, teacher=megatron_teacher,
+                                             ref=cfg.algo.kl_coef > 0 or cfg.algo.use_kl_loss,
+                                             values=cfg.algo.advantage_estimator == "ppo")
+            with t("advantages"):
+                adv = compute_step_advantages(
+                    cfg.algo, o, samples=samples, group_size=ro.n_samples_per_prompt, old_logprobs=scored.logprobs,
+                    teacher_lp=teacher_logprobs(samples, scored.teacher_logprobs) if o.use_opd else None,
+                    ref_logprobs=scored.ref_logprobs, values=scored.values)
+            with t("train"):
+                full = o.use_opd and o.opd_kl_mode == "full"
+                train_metrics = rt.trainers.train(
+                    batch, adv.advantages, scored.logprobs, loss=loss_settings(cfg.algo),
+                    global_batch_size=cfg.train.global_batch_size or len(batch), ref_logprobs=scored.ref_logprobs,
+                    returns=adv.returns, old_values=scored.values, opd_full_kl_coef=o.opd_kl_coef if full else None,
+                    teacher_rows=teacher_rows(samples, cfg.derived["vocab_size"]) if full and o.opd_type == "sglang"
+                    else None)
+            with t("weight_sync"):
+                ray.get(rt.rollout.update_weights.remote(rt.trainers.export_hf(weights_dir), f"step-{step}"))
+            metrics = {**rollout_metrics(samples), **adv.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
+                       **timing, **t.metrics(len(batch))}
+            if scored.entropy is not None:
+                metrics["train/entropy"] = sum(float(e.sum()) for e in scored.entropy) / batch.num_response_tokens()
+            log.log(step, metrics)
+            if cfg.data.eval_interval and step % cfg.data.eval_interval == 0 or step == ro.num_rollout:
+                final = evaluate(step)
+            if cfg.checkpoint.save and (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
+                                        or step == ro.num_rollout):
+                rt.trainers.save_checkpoint(cfg.checkpoint.save, step)
+            log.advance()
+    except TeacherUnavailable as exc:
+        path = rt.trainers.save_checkpoint(save_dir_of(cfg), step - 1)
+        log.write(f"[opd-train] {exc}\n[opd-train] saved a resumable checkpoint of step {step - 1}: {path}; "
+                  f"restart the teacher and resume with --load {save_dir_of(cfg)}")
+        raise exc.with_checkpoint(path, step - 1)
+    finally:
+        log.close()
+    return {**log.last, **final, "step": step}
