@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, fields
 from functools import partial
 
@@ -48,12 +49,6 @@ def _tokenizer_vocab(directory: str | None):
         return None
     with open(path) as f:
         return json.load(f).get("model", {}).get("vocab")
-
-
-def _report(metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    # Copies: Megatron's schedule divides the returned loss IN PLACE by the number of micro-batches, and the
-    # algo layer's detached metrics may share its storage.
-    return {**{k: v.detach().clone().float() for k, v in metrics.items()}, "_ntok": mask.sum()}
 
 
 class MegatronTrainer:
@@ -224,12 +219,22 @@ class MegatronTrainer:
         """Forward + backward of all micro-batches through Megatron's schedule (grad accumulation + DP sync)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
         engine.model.zero_grad_buffer()
-        engine.optimizer.zero_grad()
+        with warnings.catch_warnings():
+            # Megatron's distributed optimizer probes ``.grad`` of its fp32 shard views (non-leaf tensors) when
+            # zeroing; torch warns on every such probe. Harmless, and not ours to change.
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            engine.optimizer.zero_grad()
+
+        def loss_and_copies(mb, output):
+            loss, metrics = loss_fn(mb, output)
+            # Copies: Megatron's schedule divides the returned loss IN PLACE by the number of micro-batches,
+            # and detached metrics may share its storage.
+            return loss, {k: v.detach().clone().float() for k, v in metrics.items()}
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             output = model(mb.input_ids, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params)
-            return output, partial(loss_fn, mb)
+            return output, partial(loss_and_copies, mb)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(mbs), model=[engine.model],
@@ -257,28 +262,90 @@ class MegatronTrainer:
         return metrics
 
     def train_step(self, batch: TrainBatch, advantages, old_logprobs, *, loss: LossSettings = LossSettings(),
-                   ref_logprobs=None, num_samples: float | None = None,
-                   num_tokens: float | None = None) -> dict[str, float]:
+                   ref_logprobs=None, num_samples: float | None = None, num_tokens: float | None = None,
+                   opd_full_kl_coef: float | None = None, teacher_rows=None) -> dict[str, float]:
         """One optimizer step of the actor on this rank's share of the global batch.
 
         advantages / old_logprobs / ref_logprobs: per-sample [R_i] (list) or right-padded [B, R_max] tensors,
         the final (OPD-shaped, whitened) advantages and the behaviour-policy log-probs. ``num_samples``
         (sample_mean) / ``num_tokens`` (token_mean): the GLOBAL-batch count over all DP ranks; default: summed
         over DP ranks here. Returns global metrics (loss, pg_loss, clipfrac, ..., grad_norm, lr).
+
+        opd_full_kl_coef: add ``coef * reduce(KL_t)`` to the loss, KL_t the exact reverse KL(student || teacher)
+        over the full vocabulary at each response token (``--opd-kl-mode full``; same reduction and normalisers
+        as the policy loss; gradient through the fused kernel's backward). The teacher side is the Megatron
+        teacher's logits on the same micro-batch, or ``teacher_rows``: per sample [R_i, V] teacher log-probs
+        (e.g. an SGLang teacher's full distribution) at the trainer's temperature.
         """
         if loss.ref_kl_coef and ref_logprobs is None:
             raise ValueError("LossSettings.ref_kl_coef > 0 needs ref_logprobs")
+        kl_term = self._check_kl_term(batch, opd_full_kl_coef, teacher_rows)
         with cpu_compat():
             mbs = self._pack(batch)
             attach(mbs, self.ctx.device, adv=per_sample(advantages, batch, "advantages"),
                    old=per_sample(old_logprobs, batch, "old_logprobs"),
                    ref=None if ref_logprobs is None else per_sample(ref_logprobs, batch, "ref_logprobs"))
             norm_kw, norm, count = self._normaliser(batch, loss.reduction, num_samples, num_tokens, len(mbs))
-            per_mb = self._run_schedule(self.actor, mbs, partial(self._policy_loss, loss, norm_kw))
+            use_teacher = kl_term is not None and teacher_rows is None
+            if use_teacher:
+                self.teacher.onload()
+            try:
+                per_mb = self._run_schedule(self.actor, mbs, partial(self._actor_loss, loss, norm_kw, kl_term))
+            finally:
+                if use_teacher and self.teacher_offload:
+                    self.teacher.offload()
             metrics = self._optimizer_step(self.actor, per_mb, scale=norm / count)
         self.step += 1
         metrics["step"] = float(self.step)
         return metrics
+
+    def _check_kl_term(self, batch: TrainBatch, coef, teacher_rows):
+        if coef is None:
+            if teacher_rows is not None:
+                raise ValueError("teacher_rows are only used with opd_full_kl_coef")
+            return None
+        if not coef >= 0:
+            raise ValueError(f"opd_full_kl_coef must be >= 0, got {coef}")
+        if teacher_rows is None and self.teacher is None:
+            raise ValueError("opd_full_kl_coef needs teacher_rows or a Megatron teacher (load_teacher)")
+        if teacher_rows is not None:
+            if len(teacher_rows) != len(batch):
+                raise ValueError(f"teacher_rows has {len(teacher_rows)} entries for {len(batch)} samples")
+            for i, (rows, r) in enumerate(zip(teacher_rows, batch.response_lengths)):
+                if tuple(rows.shape) != (r, self.actor.arch.vocab_size):
+                    raise ValueError(f"teacher_rows[{i}] has shape {tuple(rows.shape)}, expected "
+                                     f"({r}, {self.actor.arch.vocab_size}) (response length, vocab size)")
+        return float(coef), teacher_rows
+
+    def _actor_loss(self, settings: LossSettings, norm_kw: dict, kl_term, mb: MicroBatch, output: torch.Tensor):
+        loss, metrics = self._policy_loss(settings, norm_kw, mb, output)
+        if kl_term is None:
+            return loss, metrics
+        from opd_train.algo import reduce_tokens
+        coef, rows = kl_term
+        with torch.no_grad():
+            teacher_logits = self.teacher(mb) if rows is None else self._dense_teacher_logits(mb, rows, output)
+        kl = scoring.exact_reverse_kl(output, teacher_logits, mb, temperature=self.temperature,
+                                      tp_group=self.ctx.tp_group, tp_size=self.ctx.tp_size)       # [S]
+        mask = mb.span_mask()
+        kl_spans = mb.pad_spans(mb.split_rows(kl))
+        total = loss + coef * reduce_tokens(kl_spans, mask, settings.reduction, **norm_kw)
+        opd_kl = (kl_spans.detach() * mask).sum() / mask.sum().clamp(min=1)
+        return total, {**metrics, "loss": total.detach(), "opd_kl": opd_kl}
+
+    def _dense_teacher_logits(self, mb: MicroBatch, rows: list[torch.Tensor], student_logits: torch.Tensor):
+        """Teacher log-prob rows placed at the micro-batch's scoring rows, this rank's vocabulary slice.
+
+        Other rows stay 0 (their KL is masked out). The rows are normalised log-probs at temperature T and the
+        fused op divides its inputs by T, so they are pre-multiplied by T: softmax(rows * T / T) = exp(rows).
+        """
+        shard = student_logits.shape[-1]
+        start = self.ctx.tp_rank * shard
+        # The fused op takes both inputs in one dtype: the student's.
+        out = torch.zeros((1, mb.num_tokens, shard), dtype=student_logits.dtype, device=student_logits.device)
+        for i, (a, b) in zip(mb.sample_ids, mb.spans):
+            out[0, a:b] = (rows[i][:, start:start + shard].to(out.device, torch.float32) * self.temperature).to(out.dtype)
+        return out
 
     def _policy_loss(self, settings: LossSettings, norm_kw: dict, mb: MicroBatch, output: torch.Tensor):
         from opd_train.algo import policy_loss
@@ -294,7 +361,7 @@ class MegatronTrainer:
             entropy=None if entropy is None else mb.pad_spans(mb.split_rows(entropy)),
             entropy_coef=settings.entropy_coef, ref_logprobs=mb.extras.get("ref"),
             ref_kl_coef=settings.ref_kl_coef, ref_kl=settings.ref_kl, **norm_kw)
-        return loss, _report(metrics, mask)
+        return loss, {**metrics, "_ntok": mask.sum()}
 
     def train_critic_step(self, batch: TrainBatch, returns, old_values, *, loss: LossSettings = LossSettings(),
                           num_samples: float | None = None, num_tokens: float | None = None) -> dict[str, float]:
@@ -315,7 +382,7 @@ class MegatronTrainer:
         loss, metrics = value_loss(mb.pad_spans(mb.split_rows(scoring.values(output))), mb.extras["old"],
                                    mb.extras["ret"], mask, value_clip=settings.value_clip,
                                    reduction=settings.reduction, **norm_kw)
-        return loss, _report(metrics, mask)
+        return loss, {**metrics, "_ntok": mask.sum()}
 
     # ---- checkpoints and export --------------------------------------------------------------------------
     def _meta(self, engine: ModelEngine) -> dict:

@@ -228,6 +228,33 @@ def teacher(spec: dict, out: str) -> dict:
     return res
 
 
+def kl_loss(spec: dict, out: str) -> dict:
+    """``opd_full_kl_coef``: the exact-KL loss with the Megatron teacher, and with dense teacher rows."""
+    import transformers
+    temp, tdir = 0.8, f"{out}/teacher_ckpt"            # written by the teacher scenario (iterations 3 and 7)
+    batch = make_batch(23, 4)
+    with_teacher = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp,
+                                                   teacher=TeacherSettings(load=tdir), optimizer=OptimizerSettings(lr=3e-3)))
+    f = with_teacher.forward(batch, teacher=True, kl_mode="full")
+    zeros = [torch.zeros(r) for r in batch.response_lengths]
+    res = {"batch": _batch_dict(batch), "forward_kl": f.opd_kl}
+    res["m_teacher"] = with_teacher.train_step(batch, zeros, f.logprobs, opd_full_kl_coef=1.0)
+    res["w_teacher"] = with_teacher.actor_hf_tensors()
+    res["later_kl"] = [with_teacher.train_step(batch, zeros, f.logprobs, opd_full_kl_coef=1.0)["opd_kl"]
+                       for _ in range(4)]
+    hf_teacher = transformers.AutoModelForCausalLM.from_pretrained(spec["hf"]["teacher_b"], dtype=torch.float32)
+    rows = []
+    with torch.no_grad():
+        for toks, r in zip(batch.tokens, batch.response_lengths):
+            logits = hf_teacher(torch.tensor([toks])).logits[0, len(toks) - r - 1: len(toks) - 1]
+            rows.append(torch.log_softmax(logits / temp, -1))
+    dense = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp,
+                                            optimizer=OptimizerSettings(lr=3e-3)))
+    res["m_rows"] = dense.train_step(batch, zeros, f.logprobs, opd_full_kl_coef=1.0, teacher_rows=rows)
+    res["w_rows"] = dense.actor_hf_tensors()
+    return res
+
+
 # ---- reference model, critic, bf16 ----------------------------------------------------------------------------
 def _critic_settings(source: ModelSource, **checkpoint) -> TrainerSettings:
     # The critic uses Megatron's non-distributed optimizer (the actor the distributed one): both get resumed.

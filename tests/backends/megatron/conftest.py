@@ -121,7 +121,7 @@ def mg_out(tmp_path_factory):
 @pytest.fixture(scope="session")
 def single_run(hf_models, mg_out):
     """One single-process launch: conversion, packing, TP1/DP1 reference, uninterrupted run, teacher, critic."""
-    run_worker(mg_out, {"hf": hf_models}, ["convert", "packing", "parallel_ref", "resume_a", "teacher", "critic"])
+    run_worker(mg_out, {"hf": hf_models}, ["convert", "packing", "parallel_ref", "resume_a", "teacher", "kl_loss", "critic"])
     return mg_out
 
 

@@ -59,6 +59,35 @@ def test_teacher_equal_to_student_gives_zero_penalty(teacher):
 
 
 @pytest.fixture(scope="module")
+def kl_loss(single_run):
+    return load_result(single_run, "kl_loss")
+
+
+def test_exact_kl_loss_value_and_learning(kl_loss):
+    """opd_full_kl_coef=1 with zero advantages: the loss IS the sample-mean exact KL, and training lowers it."""
+    masks = kl_loss["batch"]["loss_masks"]
+    per_sample = [(kl * torch.tensor(m)).sum() / sum(m) for kl, m in zip(kl_loss["forward_kl"], masks)]
+    expected = float(torch.stack(per_sample).mean())
+    m = kl_loss["m_teacher"]
+    assert m["loss"] == pytest.approx(expected, rel=1e-5)
+    assert m["pg_loss"] == pytest.approx(0.0, abs=1e-7)
+    token_mean = float(sum((k * torch.tensor(mm)).sum() for k, mm in zip(kl_loss["forward_kl"], masks))
+                       / sum(sum(mm) for mm in masks))
+    assert m["opd_kl"] == pytest.approx(token_mean, rel=1e-5)
+    assert kl_loss["later_kl"][-1] < 0.7 * m["opd_kl"]
+
+
+def test_exact_kl_loss_from_dense_teacher_rows_equals_megatron_teacher(kl_loss):
+    """The same step with the teacher given as [R_i, V] log-prob rows (an SGLang teacher's full distribution)."""
+    a, b = kl_loss["m_teacher"], kl_loss["m_rows"]
+    for key in ("loss", "opd_kl", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    # Adam's first step is ~lr * sign(g): fp32 noise in near-zero gradients moves a few weights by << lr = 3e-3.
+    wa, wb = kl_loss["w_teacher"], kl_loss["w_rows"]
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
+
+
+@pytest.fixture(scope="module")
 def critic(single_run):
     return load_result(single_run, "critic")
 
