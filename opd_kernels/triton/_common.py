@@ -5,14 +5,18 @@ Numerics used by every kernel (all in fp32):
   Triton emits one multiply + one MUFU.EX2 for it, and the log2(e) scaling rounds the small ``z - m`` rather
   than z itself (a base-2 ``y = x * inv_t * log2(e)`` would round every logit, ~eps * |y| per element, which is
   more than PyTorch's fp32 path loses at T = 1).
-- Online softmax state per row: ``m`` = running max of z, ``d = sum exp(z - m)``. Rows or blocks that are entirely
-  ``-inf`` (vocabulary tail, masked/padded vocabulary) keep ``m = -inf``; every rescale factor is guarded
-  (``_rescale``) so that ``-inf - -inf`` never produces NaN, while real NaN logits still reach ``d`` and
-  therefore every output.
+- Online softmax state per row: ``m`` = running max of z and the denominator ``d = sum exp(z - m)`` kept as
+  ``d = c + r``: c counts the logits equal to the max (each adds exactly 1), r sums exp(z - m) over the others.
+  For a confident row r << 1 keeps its relative precision, where a running sum d ~ 1 would round every small
+  term against 1; log d = log c + log1p(r / c) then gives log-probs near 0 and entropies near 0 to ~1 ulp.
+  The log-sum-exps leave the forwards as float64 (m + log d summed in double) and the backwards split them
+  into fp32 hi + lo (the contract in opd_kernels/ops/README.md). Rows or blocks that are entirely ``-inf``
+  (vocabulary tail, masked/padded vocabulary) keep ``m = -inf``; every rescale factor is guarded (``rescale``)
+  so that ``-inf - -inf`` never produces NaN, while real NaN logits still reach r and so every output.
 - Entropy accumulator ``b = sum exp(z - m) (z - m)``: entropy = log d - b / d; shifted by the running max so
-  large logits lose no precision.
-- KL accumulator ``a = sum exp(zs - ms) ((zs - zt) - (ms - mt))``: KL = a / ds + log(dt / ds). Both maxima
-  cancel exactly, so student == teacher gives exactly 0; ``zs - zt`` is exact for near-identical rows.
+  large logits lose no precision. Log-probs are formed as (z_tok - m) - log d, never as z_tok - lse.
+- KL accumulator ``a = sum exp(zs - ms) ((zs - zt) - (ms - mt))``: KL = a / ds + log1p((dt - ds) / ds). Both
+  maxima cancel exactly, so student == teacher gives exactly 0; ``zs - zt`` is exact for near-identical rows.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ def interpreting() -> bool:
 
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = tl.constexpr(_INTERPRETED)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,6 +180,113 @@ def rescale(m_old, m_new):
     """exp(m_old - m_new) for the accumulators of a state whose max moves from m_old to m_new (>= m_old); 0 while
     the old state is empty (m_old = -inf), so an empty state never yields inf * 0."""
     return tl.where(m_old == float("-inf"), 0.0, tl.exp(m_old - safe_max(m_new)))
+
+
+@triton.jit
+def is_top(z, m):
+    """z == m for a finite max m; all False while m = -inf (comparisons with NaN are False)."""
+    return z == tl.where(m == float("-inf"), float("nan"), m)
+
+
+@triton.jit
+def fold_mass(m, c, r, m_new):
+    """(c, r) of a state whose max moves from m to m_new >= m: when it moves, the logits counted at the old max
+    fall below the new one (r = exp(m - m_new) (c + r), c = 0)."""
+    moved = m_new > m
+    return tl.where(moved, 0.0, c), tl.where(moved, rescale(m, m_new) * (c + r), r)
+
+
+@triton.jit
+def merge_parts(m_i, c_i, r_i):
+    """Merge a vector of partial states (m_i, c_i, r_i) -> (m, c, r) and each part's scale exp(m_i - m)."""
+    m = tl.max(m_i, 0)
+    top = is_top(m_i, m)
+    scale = rescale(m_i, m)
+    c = tl.sum(tl.where(top, c_i, 0.0), 0)
+    r = tl.sum(tl.where(top, r_i, scale * (c_i + r_i)), 0)
+    return m, c, r, scale
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x), accurate for tiny x without libdevice (Goldberg: log(u) * x / (u - 1), u = 1 + x)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
+def log_mass(c, r):
+    """log d for d = c + r (c >= 1 for any row with a finite logit; c = 0 only for an all -inf part)."""
+    return tl.where(c > 0, tl.log(c) + log1p(r / c), tl.log(r))
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add3(a0, a1, a2, b0, b1, b2):
+    return a0 + b0, a1 + b1, a2 + b2
+
+
+@triton.jit
+def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
+
+
+# Block sums of several vectors. On the GPU one multi-operand tl.reduce shares one shared-memory round (one
+# barrier) between all of them; Triton's interpreter runs a tl.reduce combine function in Python, element by
+# element (slow, and a sequential fp32 sum), so there each vector gets its own tl.sum (numpy, pairwise).
+@triton.jit
+def sums2(x0, x1):
+    if INTERPRETED:
+        return tl.sum(x0, 0), tl.sum(x1, 0)
+    else:
+        return tl.reduce((x0, x1), 0, _add2)
+
+
+@triton.jit
+def sums3(x0, x1, x2):
+    if INTERPRETED:
+        return tl.sum(x0, 0), tl.sum(x1, 0), tl.sum(x2, 0)
+    else:
+        return tl.reduce((x0, x1, x2), 0, _add3)
+
+
+@triton.jit
+def sums5(x0, x1, x2, x3, x4):
+    if INTERPRETED:
+        return tl.sum(x0, 0), tl.sum(x1, 0), tl.sum(x2, 0), tl.sum(x3, 0), tl.sum(x4, 0)
+    else:
+        return tl.reduce((x0, x1, x2, x3, x4), 0, _add5)
+
+
+@triton.jit
+def lse_out(m, log_d):
+    """The float64 log-sum-exp the contract returns: m + log d summed in double (fp32 would round it to
+    eps * |lse|, ~2e-6 at 40, and the backward's 1 - p of a confident token would inherit that)."""
+    return m.to(tl.float64) + log_d.to(tl.float64)
+
+
+@triton.jit
+def split_lse(lse_ptr, row):
+    """(hi, lo) in fp32 of a per-row float64 (or fp32) lse: log p = (z - hi) - lo, whose first difference is
+    exact near the row max."""
+    lse = tl.load(lse_ptr + row).to(tl.float64)
+    hi = lse.to(tl.float32)
+    return hi, (lse - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def to_output_dtype(x, out_ptr):
+    """x (fp32) as out_ptr's element type, rounded to nearest even. Triton's interpreter truncates fp32 -> bf16
+    (GPUs round), so there the rounding is done on the bits first; NaN stays NaN."""
+    if INTERPRETED and out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, rounded)
+    return x.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit

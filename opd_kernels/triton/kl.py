@@ -2,9 +2,9 @@
 
 Design note (Hopper, memory-bound; numerics in _common.py):
 - Forward: grid (N,) (or (N, S) + a combine kernel when rows are few, as in logprob.py). Each program streams its
-  student AND teacher rows together in BLOCK_V-column blocks, keeping both online-softmax states (ms, ds),
-  (mt, dt) and the KL accumulator a (5 fp32 scalars) in registers: one read of each row, 2 exp per column
-  pair, 3 block reductions per iteration (student max and teacher max share one step). Bytes moved:
+  student AND teacher rows together in BLOCK_V-column blocks, keeping both online-softmax states (ms, cs, rs),
+  (mt, ct, rt) and the KL accumulator a (7 fp32 scalars) in registers: one read of each row, 2 exp per column
+  pair, 3 block reductions per iteration (the two maxima and one 5-operand sum). Bytes moved:
   N*V*(elt_s + elt_t) + 16 B per row, i.e. the KL costs the same as reading both logit matrices once.
   The sampled token's student log-prob (when tokens is given) is one extra scalar load.
 - Backward: elementwise from the GLOBAL (lse_s, lse_t, kl): grid (N, ceil(V / BLOCK_V)), reads both rows once,
@@ -17,17 +17,22 @@ import triton
 import triton.language as tl
 
 from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t, device_ctx,
-                      rescale, row_vector, safe_max, split_block, split_config, token_logit)
+                      fold_mass, is_top, log1p, log_mass, lse_out, merge_parts, rescale, row_vector, safe_max,
+                      split_block, split_config, split_lse, sums5, to_output_dtype, token_logit)
+
+PARTS: tl.constexpr = tl.constexpr(7)  # floats per partial state of the split path: ms, cs, rs, mt, ct, rt, a
 
 
 @triton.jit
 def _kl_stats(s_row, t_row, lo, hi, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online state over columns [lo, hi) of one student/teacher row pair, z = x * inv_t:
-    ms, ds = max / sum exp(zs - ms); mt, dt likewise; a = sum exp(zs - ms) ((zs - zt) - (ms - mt))."""
+    """Online state over columns [lo, hi) of one student/teacher row pair, z = x * inv_t: (ms, cs, rs) and
+    (mt, ct, rt) as in _common, a = sum exp(zs - ms) ((zs - zt) - (ms - mt))."""
     ms = tl.full((), float("-inf"), tl.float32)
     mt = tl.full((), float("-inf"), tl.float32)
-    ds = tl.zeros((), tl.float32)
-    dt = tl.zeros((), tl.float32)
+    cs = tl.zeros((), tl.float32)
+    rs = tl.zeros((), tl.float32)
+    ct = tl.zeros((), tl.float32)
+    rt = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -38,33 +43,41 @@ def _kl_stats(s_row, t_row, lo, hi, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
         mt_new = tl.maximum(mt, tl.max(yt, 0))
         ref_s = safe_max(ms_new)
         ref_t = safe_max(mt_new)
-        alpha_s = rescale(ms, ms_new)
         es = tl.exp(ys - ref_s)
         et = tl.exp(yt - ref_t)
-        # a's terms are relative to (ms, mt); moving the references shifts each term by the same amount.
-        shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
+        top_s = is_top(ys, ms_new)
+        top_t = is_top(yt, mt_new)
         # (zs - zt) first: exact for near-identical rows (Sterbenz), so tiny KLs keep their precision; and it uses
-        # the same rounded z as es / et, so the identity behind a / ds + log(dt / ds) holds for the computed values.
+        # the same rounded z as es / et, so the identity behind the final formula holds for the computed values.
         term = (ys - yt) - (ref_s - ref_t)
-        a = alpha_s * (a + tl.where(alpha_s > 0, shift * ds, 0.0)) + tl.sum(tl.where(es == 0, 0.0, es * term), 0)
-        ds = ds * alpha_s + tl.sum(es, 0)
-        dt = dt * rescale(mt, mt_new) + tl.sum(et, 0)
+        cs_b, rs_b, ct_b, rt_b, a_b = sums5(top_s.to(tl.float32), tl.where(top_s, 0.0, es), top_t.to(tl.float32),
+                                            tl.where(top_t, 0.0, et), tl.where(es == 0, 0.0, es * term))
+        # a's terms are relative to (ms, mt); moving the references shifts each earlier term by the same amount.
+        shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
+        a = rescale(ms, ms_new) * (a + shift * (cs + rs)) + a_b
+        cs, rs = fold_mass(ms, cs, rs, ms_new)
+        ct, rt = fold_mass(mt, ct, rt, mt_new)
+        cs += cs_b
+        rs += rs_b
+        ct += ct_b
+        rt += rt_b
         ms = ms_new
         mt = mt_new
-    return ms, ds, mt, dt, a
+    return ms, cs, rs, mt, ct, rt, a
 
 
 @triton.jit
-def _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
-               ignore_index, INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr):
-    # log(dt / ds) rather than log dt - log ds: one rounding instead of two O(log V) ones (near-equal rows).
-    tl.store(kl_ptr + row, a / ds + tl.log(dt / ds))
-    lse_s = ms + tl.log(ds)
-    tl.store(lses_ptr + row, lse_s)
-    tl.store(lset_ptr + row, mt + tl.log(dt))
+def _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, cs, rs, mt, ct, rt, a, V,
+               vocab_start, ignore_index, INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr):
+    ds = cs + rs
+    # log(dt / ds) as log1p((dt - ds) / ds), dt - ds = (ct - cs) + (rt - rs): near-identical rows keep precision
+    tl.store(kl_ptr + row, a / ds + log1p(((ct - cs) + (rt - rs)) / ds))
+    log_ds = log_mass(cs, rs)
+    tl.store(lses_ptr + row, lse_out(ms, log_ds))
+    tl.store(lset_ptr + row, lse_out(mt, log_mass(ct, rt)))
     if HAS_TOKENS:
         in_shard, valid, x_tok = token_logit(s_row, tok_ptr, row, V, vocab_start, ignore_index)
-        tl.store(logp_ptr + row, tl.where(in_shard, x_tok * INV_T - lse_s, 0.0))
+        tl.store(logp_ptr + row, tl.where(in_shard, (x_tok * INV_T - ms) - log_ds, 0.0))
 
 
 @triton.jit
@@ -78,17 +91,19 @@ def _kl_fwd_kernel(s_ptr, t_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, 
     if SPLIT:
         s = tl.program_id(1)
         lo = s * chunk
-        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, lo, tl.minimum(lo + chunk, V), INV_T, BLOCK_V)
-        part = part_ptr + (row * tl.num_programs(1) + s) * 5
+        ms, cs, rs, mt, ct, rt, a = _kl_stats(s_row, t_row, lo, tl.minimum(lo + chunk, V), INV_T, BLOCK_V)
+        part = part_ptr + (row * tl.num_programs(1) + s) * PARTS
         tl.store(part, ms)
-        tl.store(part + 1, ds)
-        tl.store(part + 2, mt)
-        tl.store(part + 3, dt)
-        tl.store(part + 4, a)
+        tl.store(part + 1, cs)
+        tl.store(part + 2, rs)
+        tl.store(part + 3, mt)
+        tl.store(part + 4, ct)
+        tl.store(part + 5, rt)
+        tl.store(part + 6, a)
     else:
-        ms, ds, mt, dt, a = _kl_stats(s_row, t_row, 0, V, INV_T, BLOCK_V)
-        _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
-                   ignore_index, INV_T, HAS_TOKENS)
+        ms, cs, rs, mt, ct, rt, a = _kl_stats(s_row, t_row, 0, V, INV_T, BLOCK_V)
+        _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, cs, rs, mt, ct, rt, a, V,
+                   vocab_start, ignore_index, INV_T, HAS_TOKENS)
 
 
 @triton.jit
@@ -97,22 +112,21 @@ def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, par
                        INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, SPLIT_BLOCK)
-    part = part_ptr + (row * n_split + offs) * 5
+    part = part_ptr + (row * n_split + offs) * PARTS
     ok = offs < n_split
     ms_i = tl.load(part, mask=ok, other=float("-inf"))
-    ds_i = tl.load(part + 1, mask=ok, other=0.0)
-    mt_i = tl.load(part + 2, mask=ok, other=float("-inf"))
-    dt_i = tl.load(part + 3, mask=ok, other=0.0)
-    a_i = tl.load(part + 4, mask=ok, other=0.0)
-    ms = tl.max(ms_i, 0)
-    mt = tl.max(mt_i, 0)
-    sc_s = rescale(ms_i, ms)
-    ds = tl.sum(sc_s * ds_i, 0)
-    dt = tl.sum(rescale(mt_i, mt) * dt_i, 0)
+    cs_i = tl.load(part + 1, mask=ok, other=0.0)
+    rs_i = tl.load(part + 2, mask=ok, other=0.0)
+    mt_i = tl.load(part + 3, mask=ok, other=float("-inf"))
+    ct_i = tl.load(part + 4, mask=ok, other=0.0)
+    rt_i = tl.load(part + 5, mask=ok, other=0.0)
+    a_i = tl.load(part + 6, mask=ok, other=0.0)
+    ms, cs, rs, sc_s = merge_parts(ms_i, cs_i, rs_i)
+    mt, ct, rt, _ = merge_parts(mt_i, ct_i, rt_i)
     shift = (safe_max(ms_i) - safe_max(ms)) - (safe_max(mt_i) - safe_max(mt))
-    a = tl.sum(tl.where(sc_s > 0, sc_s * (a_i + shift * ds_i), 0.0), 0)
+    a = tl.sum(tl.where(sc_s > 0, sc_s * (a_i + shift * (cs_i + rs_i)), 0.0), 0)
     s_row = s_ptr + row * s_stride_r
-    _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, ds, mt, dt, a, V, vocab_start,
+    _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, cs, rs, mt, ct, rt, a, V, vocab_start,
                ignore_index, INV_T, HAS_TOKENS)
 
 
@@ -126,20 +140,20 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     ok = cols < V
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
-    lse_s = tl.load(lses_ptr + row).to(tl.float32)
-    lse_t = tl.load(lset_ptr + row).to(tl.float32)
+    lse_s_hi, lse_s_lo = split_lse(lses_ptr, row)
+    dlse = (tl.load(lses_ptr + row).to(tl.float64) - tl.load(lset_ptr + row).to(tl.float64)).to(tl.float32)
     g = tl.load(gkl_ptr + row).to(tl.float32)
     kl = tl.load(kl_ptr + row).to(tl.float32)
     # Rows with a zero upstream gradient (masked rows) are not read and get exact zeros, even with NaN logits.
     active = cols < tl.where(g != 0.0, V, 0)
     zs = tl.load(s_row + cols, mask=active, other=float("-inf")).to(tl.float32) * INV_T
     zt = tl.load(t_row + cols, mask=active, other=float("-inf")).to(tl.float32) * INV_T
-    p = tl.exp(zs - lse_s)
+    p = tl.exp((zs - lse_s_hi) - lse_s_lo)
     # log p_s - log p_t from the differences (exact for near-identical rows), not from two O(lse) log-probs.
-    diff = (zs - zt) - (lse_s - lse_t)
+    diff = (zs - zt) - dlse
     grad = tl.where(p == 0, 0.0, p * (diff - kl) * (g * INV_T))
     grad = tl.where(active, grad, 0.0)
-    tl.store(out_ptr + row * V + cols, grad.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * V + cols, to_output_dtype(grad, out_ptr), mask=ok)
 
 
 def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
@@ -152,7 +166,8 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
     tokens = row_vector(tokens, N, xs.device, "tokens", integer=True)
     inv_t = checked_inv_t(inv_t)
     f32 = dict(device=xs.device, dtype=torch.float32)
-    kl, lse_s, lse_t = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
+    kl = torch.empty(N, **f32)
+    lse_s, lse_t = (torch.empty(N, device=xs.device, dtype=torch.float64) for _ in range(2))
     logp = torch.empty(N if has_tok else 0, **f32)
     if N == 0:
         return kl, lse_s, lse_t, logp
@@ -166,7 +181,7 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
             _kl_fwd_kernel[(N, 1)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, kl, t_stride_r=tsr,
                                    chunk=chunk, SPLIT=False, BLOCK_V=block_v, num_warps=warps, **common)
         else:
-            part = torch.empty(N, n_split, 5, **f32)
+            part = torch.empty(N, n_split, PARTS.value, **f32)
             _kl_fwd_kernel[(N, n_split)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, part, t_stride_r=tsr,
                                          chunk=chunk, SPLIT=True, BLOCK_V=block_v, num_warps=warps, **common)
             _kl_combine_kernel[(N,)](xs, tok_arg, kl, lse_s, lse_t, logp_arg, part, n_split,
@@ -176,7 +191,8 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
 
 def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None, inv_temperature: float,
            vocab_start: int, ignore_index: int):
-    """Shard-local (kl, lse_s, lse_t, logp_s), fp32 [N]; logp_s is an empty [0] tensor when tokens is None.
+    """Shard-local (kl, lse_s, lse_t, logp_s), [N]: kl, logp_s fp32, lse_s, lse_t float64; logp_s is an empty [0]
+    tensor when tokens is None.
 
     student, teacher: [N, V] views of the same shape, unit vocabulary stride, any float dtypes
     (they may differ). kl = sum_v p_s (log p_s - log p_t) over the shard, p = softmax(x * inv_t) of the shard.

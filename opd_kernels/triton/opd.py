@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t,
-                      device_ctx, row_vector)
+                      device_ctx, log1p, log_mass, row_vector)
 from .kl import _kl_stats
 from .logprob import _logprob_stats
 
@@ -48,11 +48,11 @@ def _store_epilogue(row, keep, lp, k, adv_ptr, coef, adv_out_ptr, kl_ptr, logp_p
 
 
 @triton.jit
-def _token_logp(x_row, tok_ptr, row, lse, V, INV_T: tl.constexpr):
+def _token_logp(x_row, tok_ptr, row, m, log_d, V, INV_T: tl.constexpr):
     tok = tl.load(tok_ptr + row)
     own = (tok >= 0) & (tok < V)
     x_tok = tl.load(x_row + tok, mask=own, other=0.0).to(tl.float32)
-    return tl.where(own, x_tok * INV_T - lse, 0.0)
+    return tl.where(own, (x_tok * INV_T - m) - log_d, 0.0)
 
 
 @triton.jit
@@ -64,8 +64,8 @@ def _opd_sampled_kernel(x_ptr, tok_ptr, adv_ptr, tlp_ptr, mask_ptr, adv_out_ptr,
     keep = True
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
-    m, d, _ = _logprob_stats(x_row, 0, tl.where(keep, V, 0), INV_T, False, BLOCK_V)  # masked rows: not read
-    lp = _token_logp(x_row, tok_ptr, row, m + tl.log(d), V, INV_T)
+    m, c, r, _ = _logprob_stats(x_row, 0, tl.where(keep, V, 0), INV_T, False, BLOCK_V)  # masked rows: not read
+    lp = _token_logp(x_row, tok_ptr, row, m, log_mass(c, r), V, INV_T)
     diff = lp.to(tl.float64) - tl.load(tlp_ptr + row).to(tl.float64)
     _store_epilogue(row, keep, lp, _sampled_kl(diff, KL_KIND), adv_ptr, coef, adv_out_ptr, kl_ptr, logp_ptr)
 
@@ -78,9 +78,10 @@ def _opd_full_kernel(s_ptr, t_ptr, tok_ptr, adv_ptr, mask_ptr, adv_out_ptr, kl_p
     keep = True
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
-    ms, ds, mt, dt, a = _kl_stats(s_row, t_ptr + row * t_stride_r, 0, tl.where(keep, V, 0), INV_T, BLOCK_V)
-    kl = a / ds + tl.log(dt / ds)
-    lp = _token_logp(s_row, tok_ptr, row, ms + tl.log(ds), V, INV_T)
+    ms, cs, rs, mt, ct, rt, a = _kl_stats(s_row, t_ptr + row * t_stride_r, 0, tl.where(keep, V, 0), INV_T, BLOCK_V)
+    ds = cs + rs
+    kl = a / ds + log1p(((ct - cs) + (rt - rs)) / ds)  # as in kl._kl_finish
+    lp = _token_logp(s_row, tok_ptr, row, ms, log_mass(cs, rs), V, INV_T)
     _store_epilogue(row, keep, lp, kl.to(tl.float64), adv_ptr, coef, adv_out_ptr, kl_ptr, logp_ptr)
 
 
