@@ -82,7 +82,8 @@ def current_context() -> ParallelContext:
     from megatron.core import parallel_state as ps
     device = torch.device("cuda", torch.cuda.current_device()) if not cuda_absent() else torch.device("cpu")
     return ParallelContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                           tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+                           tp_rank=ps.get_tensor_model_parallel_rank(),
+                           tp_size=ps.get_tensor_model_parallel_world_size(),
                            dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
                            device=device)
 

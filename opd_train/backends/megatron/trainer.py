@@ -108,7 +108,8 @@ class MegatronTrainer:
         critic_dir = self._critic_dir(self.settings.checkpoint.load)
         if ckpt.has_checkpoint(critic_dir):
             step = ckpt.resolve_iteration(critic_dir, self.step)
-            self.critic.load_full_checkpoint(critic_dir, step, load_optimizer=not self.settings.checkpoint.no_load_optim)
+            load_optimizer = not self.settings.checkpoint.no_load_optim
+            self.critic.load_full_checkpoint(critic_dir, step, load_optimizer=load_optimizer)
         else:
             self.critic.load_source(c.source)
 
@@ -344,7 +345,8 @@ class MegatronTrainer:
         # The fused op takes both inputs in one dtype: the student's.
         out = torch.zeros((1, mb.num_tokens, shard), dtype=student_logits.dtype, device=student_logits.device)
         for i, (a, b) in zip(mb.sample_ids, mb.spans):
-            out[0, a:b] = (rows[i][:, start:start + shard].to(out.device, torch.float32) * self.temperature).to(out.dtype)
+            scaled = rows[i][:, start:start + shard].to(out.device, torch.float32) * self.temperature
+            out[0, a:b] = scaled.to(out.dtype)
         return out
 
     def _policy_loss(self, settings: LossSettings, norm_kw: dict, mb: MicroBatch, output: torch.Tensor):

@@ -44,7 +44,8 @@ def subset(batch: TrainBatch, idx: list[int]) -> TrainBatch:
 
 def per_sample_noise(batch_idx: list[int], lengths: list[int], seed: int) -> list[torch.Tensor]:
     """Deterministic per GLOBAL sample index, so every TP/DP layout sees the same values."""
-    return [torch.randn(r, generator=torch.Generator().manual_seed(seed * 1000 + i)) for i, r in zip(batch_idx, lengths)]
+    return [torch.randn(r, generator=torch.Generator().manual_seed(seed * 1000 + i))
+            for i, r in zip(batch_idx, lengths)]
 
 
 def _batch_dict(batch: TrainBatch) -> dict:
@@ -233,8 +234,9 @@ def kl_loss(spec: dict, out: str) -> dict:
     import transformers
     temp, tdir = 0.8, f"{out}/teacher_ckpt"            # written by the teacher scenario (iterations 3 and 7)
     batch = make_batch(23, 4)
-    with_teacher = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp,
-                                                   teacher=TeacherSettings(load=tdir), optimizer=OptimizerSettings(lr=3e-3)))
+    with_teacher = MegatronTrainer(TrainerSettings(
+        model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp, teacher=TeacherSettings(load=tdir),
+        optimizer=OptimizerSettings(lr=3e-3)))
     f = with_teacher.forward(batch, teacher=True, kl_mode="full")
     zeros = [torch.zeros(r) for r in batch.response_lengths]
     res = {"batch": _batch_dict(batch), "forward_kl": f.opd_kl}

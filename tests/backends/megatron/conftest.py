@@ -1,55 +1,14 @@
-"""Fixtures of the Megatron backend tests.
+"""Fixtures of the Megatron backend tests (helpers in mg_helpers.py).
 
 Megatron state is process-global (parallel groups, RNG tracker), so everything that initialises it runs in
 worker processes (``_worker.py``), a few launches per session: importing Megatron costs ~6 s per process.
-The tests read the workers' result files and assert here. Tiny random HF models are built in this process
+The tests read the workers' result files and assert. Tiny random HF models are built in this process
 (transformers, no downloads) and handed to the workers as directories.
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-
 import pytest
-import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(HERE, "_worker.py")
-VOCAB = 256
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _hf_model(family: str, directory: str, seed: int, **overrides):
-    """A tiny random HF model with every weight perturbed (norm weights too, so a mis-mapped norm shows)."""
-    import transformers
-    classes = {"qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}
-    config_cls, model_cls = classes[family]
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
-    if family == "qwen3":
-        kw["head_dim"] = 16
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kw)).float()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(directory)
-    # A tokenizer-side file, to check that conversions and exports carry tokenizer files along.
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": 512, "marker": family}, f)
-    return directory
+from mg_helpers import hf_model, run_worker
 
 
 @pytest.fixture(scope="session")
@@ -67,50 +26,7 @@ def hf_models(tmp_path_factory):
                                        num_attention_heads=6, num_key_value_heads=3)),
         "bad_vocab": ("qwen3", 7, {"vocab_size": 128}),
     }
-    return {name: _hf_model(fam, str(root / name), seed, **kw) for name, (fam, seed, kw) in specs.items()}
-
-
-def run_worker(out_dir: str, spec: dict, scenarios: list[str], *, world: int = 1, timeout: int = 420,
-               expect_killed: bool = False) -> int:
-    """Run ``_worker.py`` scenarios in a fresh process group; returns the exit code."""
-    os.makedirs(out_dir, exist_ok=True)
-    spec_path = os.path.join(out_dir, f"spec-{'-'.join(scenarios)}.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    cmd = [sys.executable, WORKER, "--world", str(world), "--port", str(_free_port()), "--out", out_dir,
-           "--spec", spec_path, *scenarios]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    log_path = os.path.join(out_dir, f"log-{'-'.join(scenarios)}.txt")
-    # Output goes to a file, not a pipe: a helper process that outlives a killed worker would hold a pipe open.
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=timeout)
-        finally:
-            # Megatron's checkpoint writer leaves a multiprocessing manager behind when its parent is killed:
-            # end every process of the worker's own session (started by us above).
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    with open(log_path) as f:
-        output = f.read()
-    if proc.returncode != 0 and not expect_killed:
-        raise RuntimeError(f"worker {scenarios} failed with code {proc.returncode}:\n{output[-6000:]}")
-    return proc.returncode
-
-
-def load_result(out_dir: str, name: str) -> dict:
-    """A scenario's results; a scenario that raised fails the asking test with its traceback."""
-    err = os.path.join(out_dir, f"{name}.err")
-    if os.path.exists(err):
-        with open(err) as f:
-            pytest.fail(f"worker scenario {name!r} raised:\n{f.read()}")
-    path = os.path.join(out_dir, f"{name}.pt")
-    if not os.path.exists(path):
-        pytest.fail(f"worker scenario {name!r} wrote no result (see the worker log in {out_dir})")
-    return torch.load(path, weights_only=False)
+    return {name: hf_model(fam, str(root / name), seed, **kw) for name, (fam, seed, kw) in specs.items()}
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +36,9 @@ def mg_out(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def single_run(hf_models, mg_out):
-    """One single-process launch: conversion, packing, TP1/DP1 reference, uninterrupted run, teacher, critic."""
-    run_worker(mg_out, {"hf": hf_models}, ["convert", "packing", "parallel_ref", "resume_a", "teacher", "kl_loss", "critic"])
+    """One single-process launch: conversion, packing, TP1/DP1 reference, uninterrupted run, teacher, critic..."""
+    run_worker(mg_out, {"hf": hf_models},
+               ["convert", "packing", "parallel_ref", "resume_a", "teacher", "kl_loss", "critic"])
     return mg_out
 
 
@@ -140,16 +57,3 @@ def resume_run(hf_models, mg_out, single_run):
     return mg_out, code
 
 
-def hf_logprobs(hf_dir: str, tokens: list[list[int]], response_lengths: list[int], temperature: float = 1.0,
-                dtype=torch.float64):
-    """Reference response log-probs (and full log-softmax rows) from transformers, one unpacked sample at a time."""
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(dtype).eval()
-    out, rows = [], []
-    with torch.no_grad():
-        for toks, r in zip(tokens, response_lengths):
-            logits = model(torch.tensor([toks])).logits[0].to(dtype) / temperature
-            logp = torch.log_softmax(logits, -1)[len(toks) - r - 1: len(toks) - 1]
-            rows.append(logp)
-            out.append(logp.gather(-1, torch.tensor(toks[len(toks) - r:])[:, None])[:, 0])
-    return out, rows

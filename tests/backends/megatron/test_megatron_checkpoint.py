@@ -6,7 +6,7 @@ import signal
 
 import pytest
 import torch
-from conftest import load_result
+from mg_helpers import load_result
 
 
 def _equal_weights(a: dict, b: dict) -> bool:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import hf_logprobs, load_result
+from mg_helpers import hf_logprobs, load_result
 from safetensors.torch import load_file
 
 FAMILIES = ("qwen3", "qwen3_tied", "qwen2", "llama")

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import load_result
+from mg_helpers import load_result
 from safetensors.torch import load_file
 
 ATOL = 2e-5   # fp32: different reduction orders (vocab-parallel softmax, DP all-reduce) move the last bits

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_logprobs, load_result
+from mg_helpers import hf_logprobs, load_result
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import load_result
+from mg_helpers import load_result
 from safetensors.torch import load_file
 
 from opd_train.backends.megatron import checkpoint as ckpt
