@@ -24,6 +24,8 @@ because Megatron's checkpoint writer spawns a helper process)::
     #   scored.logprobs / .teacher_logprobs / .opd_kl / .ref_logprobs / .entropy / .values: list of [R_i]
     metrics = trainer.train_step(batch, advantages, scored.logprobs, loss=LossSettings(eps_clip=0.2),
                                  num_samples=global_batch_size)                  # dict of floats
+    trainer.train_step(batch, advantages, old, opd_full_kl_coef=1.0)   # + exact reverse-KL loss to the teacher
+    trainer.train_step(batch, advantages, old, opd_full_kl_coef=1.0, teacher_rows=rows)  # dense [R_i, V] rows
     trainer.train_critic_step(batch, returns, old_values)                     # PPO with a critic
     trainer.maybe_save()                                                      # --save-interval
     trainer.save_checkpoint("ckpt/", step)       # DIR/iter_0000010 + latest_checkpointed_iteration.txt
@@ -34,6 +36,8 @@ because Megatron's checkpoint writer spawns a helper process)::
 Rules the caller must follow: all TP ranks of a data-parallel group pass the same ``TrainBatch`` (checked);
 DP ranks pass disjoint shares; ``num_samples`` / ``num_tokens`` are GLOBAL counts (default: summed over DP).
 Per-sample inputs (advantages, old log-probs, returns...) are lists of [R_i] tensors or padded [B, R_max].
+On a shared CPU, give each rank few torch threads (``torch.set_num_threads``): oversubscribed OpenMP threads
+made a forward 5x slower on this team's 2-core machine.
 
 Conversion (``tools/convert_hf_to_torch_dist.py``): :func:`convert_hf_to_torch_dist` and
 :func:`convert_torch_dist_to_hf`, Qwen3 / Qwen2 / Llama, both directions.

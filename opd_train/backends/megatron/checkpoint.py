@@ -71,7 +71,11 @@ def resolve_iteration(directory: str, step: int | None = None) -> int:
     with open(tracker) as f:
         text = f.read().strip()
     if not text.isdigit() or int(text) not in available:
-        raise FileNotFoundError(f"{tracker} names iteration {text!r}, which is not a complete checkpoint; "
+        foreign = text.isdigit() and os.path.isdir(iteration_dir(directory, int(text)))
+        hint = (f" ({iteration_dir(directory, int(text))} exists but has no {META}: a checkpoint not written by "
+                "opd, e.g. Megatron-LM's own or legacy 'torch' format, whose architecture is unknown; convert the "
+                "HF model with tools/convert_hf_to_torch_dist.py instead)") if foreign else ""
+        raise FileNotFoundError(f"{tracker} names iteration {text!r}, which is not a complete checkpoint{hint}; "
                                 f"available iterations: {available or 'none'}")
     return int(text)
 
