@@ -35,9 +35,11 @@ def transformer_config(arch: ModelArch, *, tensor_parallel: int, dtype: str):
         add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm, hidden_dropout=0.0, attention_dropout=0.0,
         params_dtype=DTYPES[dtype], bf16=dtype == "bf16", pipeline_dtype=DTYPES[dtype],
         attention_softmax_in_fp32=True, use_cpu_initialization=on_cpu,
-        # The fused kernels below are CUDA-only; on GPU Megatron picks them when available.
-        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu, masked_softmax_fusion=not on_cpu,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=not on_cpu,
+        # Fusions that need nothing but torch (jit-scripted SwiGLU / bias-dropout-add) on GPU only; the ones
+        # needing Apex or Megatron's compiled softmax extension stay off (TE's attention and norms replace them,
+        # and the local-spec fallback on a GPU without TE must not import kernels that are not built).
+        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu, masked_softmax_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         # Our loss is already normalised by the global sample/token count (see trainer.py).
         calculate_per_token_loss=False,
     )
