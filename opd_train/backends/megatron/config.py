@@ -167,6 +167,7 @@ class TrainerSettings:
 
     temperature: log-probs (student, reference, teacher) are computed from ``logits / temperature``; set it to
     the rollout temperature (SPEC section 1).
+    seed: for the caller to pass to ``init_distributed`` (it seeds torch and Megatron's RNG tracker there).
     """
     model: ModelSource
     parallel: ParallelSettings = field(default_factory=ParallelSettings)

@@ -43,8 +43,9 @@ def init_distributed(*, rank: int | None = None, world_size: int | None = None, 
     """Initialise torch.distributed (if not already) and Megatron's TP x DP groups; seed Megatron's RNG tracker.
 
     Missing rank/world_size/master_addr/master_port come from RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT.
-    ``backend`` defaults to nccl when CUDA is available, else gloo. Re-initialising with another TP size after
-    :func:`destroy_distributed` is supported (tests compare TP=2 with DP=2 in one process group).
+    ``backend`` defaults to nccl when CUDA is available, else gloo. Calling it again (e.g. with another TP
+    size) rebuilds Megatron's groups on the existing process group (tests compare TP=2 with DP=2 this way);
+    trainers built before must be discarded.
     """
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
