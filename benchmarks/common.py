@@ -268,7 +268,7 @@ def floor_seconds(op: str, mode: str, T: int, V: int, elt: int, bw: Bandwidth) -
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+                              check=True).stdout.rstrip()  # not strip(): porcelain lines start with a space
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -307,6 +307,7 @@ def machine_record(device: torch.device) -> dict:
                    gpu_sm_count=props.multi_processor_count)
     rec["versions"] = versions()
     rec["git"] = git_record()
+    rec["opd_library"] = library_record()
     return rec
 
 
@@ -319,6 +320,17 @@ def versions() -> dict:
         except ImportError:
             out[mod] = None
     return out
+
+
+def library_record() -> dict:
+    """Which compiled op library was loaded, and when it was built (the .so may predate uncommitted edits)."""
+    try:
+        from opd_kernels import _C
+    except ImportError as exc:
+        return {"path": None, "error": str(exc)}
+    path = Path(_C.__file__)
+    built = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="seconds")
+    return {"path": str(path), "built": built}
 
 
 def git_record() -> dict:

@@ -87,7 +87,8 @@ def _header(rec: dict) -> list[str]:
         f"{m['torch_threads']}, {m['memory_gib']} GiB" + (f"; GPU {m['gpu_name']}" if m["gpu_name"] else ""),
         f"- versions: torch {v['torch']}, triton {v['triton']}, liger-kernel {v['liger_kernel']}, python "
         f"{v['python']}; opd commit `{(g['commit'] or '?')[:12]}`"
-        + (f" with uncommitted changes in {', '.join(mods)}" if mods else ""),
+        + (f" with uncommitted changes in {', '.join(mods)}" if mods else "")
+        + f"; op library built {rec['machine'].get('opd_library', {}).get('built')}",
         f"- load: 1-min load average {load['loadavg_start'][0]:.2f} before, {load['loadavg_end'][0]:.2f} after; "
         f"other processes used {_f(load['foreign_cpu_mean'], '{:.2f}')} cores on average "
         f"(max {_f(load['foreign_cpu_max'], '{:.2f}')}) while cases ran",

@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     stem = a.out or common.REPO / "benchmarks" / "results" / (
         f"{common.device_slug(device)}-{common.today()}" + ("-quick" if a.quick else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    policy = common.QUICK_POLICY if a.quick else TimingPolicy(warmup=1, min_reps=3, max_reps=30, target_s=0.6)
+    policy = common.QUICK_POLICY if a.quick else TimingPolicy(warmup=1, min_reps=3, max_reps=30, target_s=0.4)
     return SweepConfig(device, Ts, Vs, tuple(dict.fromkeys(dtypes)), ops,
                        tuple(dict.fromkeys(backends)), policy, a.quick, stem, a.check_rows, a.seed,
                        not a.no_plot, a.note, a.threads, tuple(sys.argv[1:] if argv is None else argv))
