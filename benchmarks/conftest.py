@@ -1,7 +1,7 @@
 """pytest-benchmark plumbing shared by benchmarks/bench_<op>.py (not collected by the default test run).
 
     pytest benchmarks/bench_token_logprobs.py                          # CPU, T=1024, V=32000, fp32 + bf16
-    pytest benchmarks/ -k "cpp or naive" --bench-shapes 4096x32000 4096x151936 --bench-dtypes bf16
+    pytest benchmarks/bench_*.py -k "cpp or naive" --bench-shapes 4096x32000 4096x151936 --bench-dtypes bf16
     pytest benchmarks/bench_reverse_kl.py --bench-device cuda --bench-shapes 8192x151936 --bench-dtypes bf16
 
 Each case first checks its output against the float64 oracle on a few rows (a wrong kernel fails instead of

@@ -184,9 +184,10 @@ def run_case(cfg: SweepConfig, inputs, op: str, mode: str, impl: str, bw: Bandwi
         policy, prior = cfg.policy, ()
         if row["first_call_s"] > 0.5:   # slow cases: the calls above were warmup enough; the timed memory
             policy, prior = dataclasses.replace(policy, warmup=0), (mem_call_s,)  # call counts as a repeat
+        n_samples = len(load.samples)
         with load.measure():
             timing = common.time_fn(fn, cfg.device, policy, prior)
-        row["foreign_load"] = load.samples[-1] if load.samples else None
+        row["foreign_load"] = load.samples[-1] if len(load.samples) > n_samples else None
     except Exception as exc:  # noqa: BLE001  (a failing backend must not stop the sweep; the row says why)
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
