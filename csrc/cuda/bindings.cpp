@@ -42,6 +42,8 @@ int64_t check_logits(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got ", x.device());
   check_rows(x, name);
   TORCH_CHECK_VALUE(x.size(0) < (int64_t{1} << 31), name, " has ", x.size(0), " rows; at most 2^31 - 1 per call");
+  TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) > 0, name, " has an empty vocabulary dimension (shape ", x.sizes(),
+                    "); every row needs >= 1 logit");
   return x.size(0);
 }
 
@@ -83,14 +85,15 @@ Triple logprob_fwd(const at::Tensor& x, const at::Tensor& tokens, double inv_tem
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor logp = at::empty({n}, f32), lse = at::empty({n}, f32), ent = at::empty({with_entropy ? n : 0}, f32);
+  at::Tensor logp = at::empty({n}, f32), ent = at::empty({with_entropy ? n : 0}, f32);
+  at::Tensor lse = at::empty({n}, x.options().dtype(at::kDouble));  // float64: see opd_kernels/ops/README.md
   if (n == 0) return {logp, ent, lse};
   const auto plan = opd_cuda::plan_forward(n, v, static_cast<int>(x.element_size()), opd_cuda::kLogprobStateFloats,
                                            x.get_device());
   const at::Tensor ws = plan.workspace_floats > 0 ? at::empty({plan.workspace_floats}, f32) : at::Tensor();
   C10_CUDA_CHECK(opd_cuda::logprob_fwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), inv_t, vocab_start, ignore_index,
                                        logp.data_ptr<float>(), with_entropy ? ent.data_ptr<float>() : nullptr,
-                                       lse.data_ptr<float>(), plan, ptr_or_null<float>(ws), stream()));
+                                       lse.data_ptr<double>(), plan, ptr_or_null<float>(ws), stream()));
   return {logp, ent, lse};
 }
 
@@ -102,7 +105,7 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
   const at::Tensor g = per_row(grad_logp, n, at::kFloat, x, "grad_logp");
-  const at::Tensor l = per_row(lse, n, at::kFloat, x, "lse");
+  const at::Tensor l = per_row(lse, n, at::kDouble, x, "lse");
   at::Tensor ge, ent;
   if (grad_entropy.has_value()) {
     ge = per_row(*grad_entropy, n, at::kFloat, x, "grad_entropy");
@@ -111,7 +114,7 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
   at::Tensor grad = at::empty({n, v}, x.options());
   if (grad.numel() == 0) return grad;
   C10_CUDA_CHECK(opd_cuda::logprob_bwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), g.data_ptr<float>(),
-                                       ptr_or_null<float>(ge), l.data_ptr<float>(), ptr_or_null<float>(ent), inv_t,
+                                       ptr_or_null<float>(ge), l.data_ptr<double>(), ptr_or_null<float>(ent), inv_t,
                                        vocab_start, ignore_index, grad.data_ptr(), stream()));
   return grad;
 }
@@ -127,15 +130,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
   const c10::cuda::CUDAGuard guard(xs.device());
   const at::Tensor tok = tokens.has_value() ? per_row(*tokens, n, at::kLong, xs, "tokens") : at::Tensor();
   const auto f32 = xs.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({n}, f32), lse_s = at::empty({n}, f32), lse_t = at::empty({n}, f32);
+  at::Tensor kl = at::empty({n}, f32);
+  at::Tensor lse_s = at::empty({n}, xs.options().dtype(at::kDouble)), lse_t = at::empty_like(lse_s);
   at::Tensor logp = at::empty({tok.defined() ? n : 0}, f32);
   if (n == 0) return {kl, lse_s, lse_t, logp};
   const int elem = static_cast<int>(std::max(xs.element_size(), xt.element_size()));
   const auto plan = opd_cuda::plan_forward(n, v, elem, opd_cuda::kKlStateFloats, xs.get_device());
   const at::Tensor ws = plan.workspace_floats > 0 ? at::empty({plan.workspace_floats}, f32) : at::Tensor();
   C10_CUDA_CHECK(opd_cuda::kl_fwd(rows_of(xs), rows_of(xt), n, v, ptr_or_null<int64_t>(tok), inv_t, vocab_start,
-                                  ignore_index, kl.data_ptr<float>(), lse_s.data_ptr<float>(),
-                                  lse_t.data_ptr<float>(), tok.defined() ? logp.data_ptr<float>() : nullptr, plan,
+                                  ignore_index, kl.data_ptr<float>(), lse_s.data_ptr<double>(),
+                                  lse_t.data_ptr<double>(), tok.defined() ? logp.data_ptr<float>() : nullptr, plan,
                                   ptr_or_null<float>(ws), stream()));
   return {kl, lse_s, lse_t, logp};
 }
@@ -148,13 +152,13 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   const float inv_t = checked_inv_t(inv_temperature);
   const c10::cuda::CUDAGuard guard(xs.device());
   const at::Tensor g = per_row(grad_kl, n, at::kFloat, xs, "grad_kl");
-  const at::Tensor ls = per_row(lse_s, n, at::kFloat, xs, "lse_s");
-  const at::Tensor lt = per_row(lse_t, n, at::kFloat, xs, "lse_t");
+  const at::Tensor ls = per_row(lse_s, n, at::kDouble, xs, "lse_s");
+  const at::Tensor lt = per_row(lse_t, n, at::kDouble, xs, "lse_t");
   const at::Tensor k = per_row(kl, n, at::kFloat, xs, "kl");
   at::Tensor grad = at::empty({n, v}, xs.options());
   if (grad.numel() == 0) return grad;
-  C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<float>(),
-                                  lt.data_ptr<float>(), k.data_ptr<float>(), inv_t, grad.data_ptr(), stream()));
+  C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<double>(),
+                                  lt.data_ptr<double>(), k.data_ptr<float>(), inv_t, grad.data_ptr(), stream()));
   return grad;
 }
 

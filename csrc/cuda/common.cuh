@@ -2,9 +2,11 @@
 // walk (scalar head up to the first aligned column, aligned packs, scalar rest), and the online-softmax states
 // with their warp/block merges. Pure CUDA: no torch headers (see row_kernels.h).
 //
-// Numerics (identical to the Triton kernels, opd_kernels/triton/_common.py): base 2, y = x * inv_t * log2(e),
-// every exponential is one ex2.approx (MUFU.EX2). State per row: m = running max of y (-inf while empty),
-// d = sum 2^(y - m); entropy b = sum 2^(y - m) (y - m); KL a = sum 2^(ys - ms) ((xs - xt) * scale - (ms - mt)).
+// Numerics (identical to the Triton kernels, opd_kernels/triton/_common.py): z = x * inv_t (exact at T = 1),
+// every exponential is __expf(z - m) = one multiply + one ex2.approx (MUFU.EX2); the log2(e) scaling rounds the
+// small z - m, not z. State per row: m = running max of z (-inf while empty), mass d = sum exp(z - m) kept as
+// count-at-max + rest (below); entropy b = sum exp(z - m) (z - m); KL a = sum exp(zs - ms) ((zs - zt) - (ms - mt)),
+// zs - zt exact for near-equal rows. Log-sum-exps leave as float64 and come back split into fp32 hi + lo.
 // Empty states (-inf max) are never rescaled, so -inf - -inf never makes a NaN, while a NaN logit reaches d
 // (fmaxf ignores it in the max, exp2(NaN) does not) and so every output of its row.
 #pragma once
@@ -20,8 +22,6 @@
 
 namespace opd_cuda {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kThreads = 256;  // 8 warps: with <= 128 registers per thread, >= 2 blocks share an SM
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -39,12 +39,8 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { retu
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
-// 2^x in one MUFU instruction (~2 ulp; 2^-inf = 0, 2^NaN = NaN; results below 2^-126 flush to 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+// e^x as one multiply + MUFU.EX2 (ex2.approx.ftz: ~2 ulp; e^-inf = 0, e^NaN = NaN; below 2^-126 flushes to 0).
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 
 // The exponent reference of a state: its max, or 0 while the state is empty.
 __device__ __forceinline__ float safe_ref(float m) { return m == -INFINITY ? 0.f : m; }
@@ -153,91 +149,123 @@ __device__ __forceinline__ void walk_row(const Span& sp, Visitor& vis) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Online softmax state of one row (log2 units); ENT adds the entropy accumulator.
+// Online softmax states. The mass d = sum exp(z - m) is kept as c + r: c counts the logits equal to the max m
+// (each adds exactly 1), r sums exp(z - m) over the others. For a confident row r << 1 keeps its relative
+// precision (a running d ~ 1 would round every small term against 1), and log d = log c + log1p(r / c) gives
+// log-probs and entropies near 0 to ~1 ulp. Empty states (m = -inf) have c = 0 and r = 0 (or NaN after NaN
+// logits, which must survive every merge).
 // ---------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float log_mass(float c, float r) { return c > 0.f ? logf(c) + log1pf(r / c) : logf(r); }
+
+// The value a logit must equal to count at the max: the max itself, or NaN (equal to nothing) while empty.
+__device__ __forceinline__ float top_value(float m) { return m == -INFINITY ? NAN : m; }
+
+// One row over z = x * inv_t; ENT adds the entropy accumulator b = sum exp(z - m) (z - m).
 template <bool ENT>
 struct LseState {
-  float m = -INFINITY, d = 0.f, b = 0.f;
+  float m = -INFINITY, c = 0.f, r = 0.f, b = 0.f;
 
   template <int N>
-  __device__ __forceinline__ void add(const float (&y)[N]) {
-    float mx = y[0];
+  __device__ __forceinline__ void add(const float (&z)[N]) {
+    float mx = z[0];
 #pragma unroll
-    for (int i = 1; i < N; ++i) mx = fmaxf(mx, y[i]);
+    for (int i = 1; i < N; ++i) mx = fmaxf(mx, z[i]);
     if (mx > m) move_to(mx);  // one rescale per pack, and only when the max grows
-    const float ref = safe_ref(m);
+    const float ref = safe_ref(m), top = top_value(m);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float e = fast_exp2(y[i] - ref);
-      d += e;
-      if (ENT) b += e == 0.f ? 0.f : e * (y[i] - ref);
+      const float e = fast_exp(z[i] - ref);
+      const bool at_max = z[i] == top;
+      c += at_max ? 1.f : 0.f;
+      r += at_max ? 0.f : e;
+      if (ENT) b += e == 0.f ? 0.f : e * (z[i] - ref);
     }
   }
 
-  __device__ __forceinline__ void move_to(float m_new) {  // m_new > m
+  __device__ __forceinline__ void move_to(float m_new) {  // m_new > m: everything so far falls below the max
     if (m != -INFINITY) {
-      const float alpha = fast_exp2(m - m_new);
+      const float alpha = fast_exp(m - m_new), d = c + r;
       if (ENT) b = alpha * (b + (m - m_new) * d);
-      d *= alpha;
+      r = alpha * d;
     }
+    c = 0.f;
     m = m_new;
   }
 
-  __device__ __forceinline__ void merge(float om, float od, float ob) {
+  __device__ __forceinline__ void merge(float om, float oc, float o_r, float ob) {
     if (om > m) {
-      const float tm = m, td = d, tb = b;
-      m = om, d = od, b = ob;
-      om = tm, od = td, ob = tb;
+      const float tm = m, tc = c, tr = r, tb = b;
+      m = om, c = oc, r = o_r, b = ob;
+      om = tm, oc = tc, o_r = tr, ob = tb;
     }
-    const float sc = om == -INFINITY ? 0.f : fast_exp2(om - m);
-    d += od * sc;  // a NaN od survives (NaN * 0 = NaN)
+    if (om == m) {  // same max (or both empty): counts add up
+      c += oc, r += o_r;
+      if (ENT) b += ob;
+      return;
+    }
+    const float sc = om == -INFINITY ? 0.f : fast_exp(om - m), od = oc + o_r;
+    r += od * sc;  // a NaN od survives (NaN * 0 = NaN)
     if (ENT && sc != 0.f) b += sc * (ob + (om - m) * od);
   }
 
   __device__ __forceinline__ void shfl_merge(int lane_mask) {
     const float om = __shfl_xor_sync(kFullMask, m, lane_mask);
-    const float od = __shfl_xor_sync(kFullMask, d, lane_mask);
+    const float oc = __shfl_xor_sync(kFullMask, c, lane_mask);
+    const float o_r = __shfl_xor_sync(kFullMask, r, lane_mask);
     const float ob = ENT ? __shfl_xor_sync(kFullMask, b, lane_mask) : 0.f;
-    merge(om, od, ob);
+    merge(om, oc, o_r, ob);
   }
 
-  __device__ __forceinline__ void store(float* p) const { p[0] = m, p[1] = d, p[2] = b; }
-  __device__ __forceinline__ void merge_from(const float* p) { merge(p[0], p[1], p[2]); }
+  __device__ __forceinline__ void store(float* p) const { p[0] = m, p[1] = c, p[2] = r, p[3] = b; }
+  __device__ __forceinline__ void merge_from(const float* p) { merge(p[0], p[1], p[2], p[3]); }
+  __device__ __forceinline__ float log_d() const { return log_mass(c, r); }
 };
 
-// Two rows (student s, teacher t) and the KL accumulator a, relative to the current references (ms, mt).
+// Two rows (student s, teacher t) and the KL accumulator a = sum exp(zs - ms) ((zs - zt) - (ms - mt)),
+// relative to the current references (ms, mt).
 struct KlState {
-  float ms = -INFINITY, ds = 0.f, mt = -INFINITY, dt = 0.f, a = 0.f;
+  float ms = -INFINITY, cs = 0.f, rs = 0.f, mt = -INFINITY, ct = 0.f, rt = 0.f, a = 0.f;
 
   template <int N>
-  __device__ __forceinline__ void add(const float (&xs)[N], const float (&xt)[N], float scale) {
-    float ys[N], yt[N];
+  __device__ __forceinline__ void add(const float (&xs)[N], const float (&xt)[N], float inv_t) {
+    float ys[N], yt[N];  // z of the student / teacher
     float mxs = -INFINITY, mxt = -INFINITY;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      ys[i] = xs[i] * scale, yt[i] = xt[i] * scale;
+      ys[i] = xs[i] * inv_t, yt[i] = xt[i] * inv_t;
       mxs = fmaxf(mxs, ys[i]), mxt = fmaxf(mxt, yt[i]);
     }
     if (mxs > ms || mxt > mt) move_to(fmaxf(ms, mxs), fmaxf(mt, mxt));
-    const float rs = safe_ref(ms), rt = safe_ref(mt), shift = rs - rt;
+    const float ref_s = safe_ref(ms), ref_t = safe_ref(mt), shift = ref_s - ref_t;
+    const float top_s = top_value(ms), top_t = top_value(mt);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      const float es = fast_exp2(ys[i] - rs);
-      ds += es;
-      dt += fast_exp2(yt[i] - rt);
-      // (xs - xt) first: exact for near-identical rows, so tiny KLs keep their relative precision
-      a += es == 0.f ? 0.f : es * ((xs[i] - xt[i]) * scale - shift);
+      const float es = fast_exp(ys[i] - ref_s), et = fast_exp(yt[i] - ref_t);
+      const bool s_max = ys[i] == top_s, t_max = yt[i] == top_t;
+      cs += s_max ? 1.f : 0.f;
+      rs += s_max ? 0.f : es;
+      ct += t_max ? 1.f : 0.f;
+      rt += t_max ? 0.f : et;
+      // (zs - zt) first: exact for near-identical rows; the same rounded z as es / et keep the final formula
+      // an identity of the computed values
+      a += es == 0.f ? 0.f : es * ((ys[i] - yt[i]) - shift);
     }
   }
 
   __device__ __forceinline__ void move_to(float ms_new, float mt_new) {  // ms_new >= ms, mt_new >= mt
-    const float ss = ms == -INFINITY ? 0.f : fast_exp2(ms - ms_new);
-    const float st = mt == -INFINITY ? 0.f : fast_exp2(mt - mt_new);
+    const float ss = ms == -INFINITY ? 0.f : fast_exp(ms - ms_new);
+    const float st = mt == -INFINITY ? 0.f : fast_exp(mt - mt_new);
     // a's terms are relative to (ms, mt): moving the references shifts every term by the same amount
     const float shift = (safe_ref(ms) - safe_ref(ms_new)) - (safe_ref(mt) - safe_ref(mt_new));
-    if (ms != -INFINITY) a = ss * (a + shift * ds);  // an empty student state has a == 0
-    ds *= ss;  // empty: 0 * 0, or NaN * 0 = NaN (kept)
-    dt *= st;
+    if (ms != -INFINITY) a = ss * (a + shift * (cs + rs));  // an empty student state has a == 0
+    if (ms_new > ms) {
+      if (ms != -INFINITY) rs = ss * (cs + rs);
+      cs = 0.f;
+    }
+    if (mt_new > mt) {
+      if (mt != -INFINITY) rt = st * (ct + rt);
+      ct = 0.f;
+    }
     ms = ms_new, mt = mt_new;
   }
 
@@ -245,26 +273,50 @@ struct KlState {
     const float ms_new = fmaxf(ms, o.ms), mt_new = fmaxf(mt, o.mt);
     move_to(ms_new, mt_new);
     o.move_to(ms_new, mt_new);
-    ds += o.ds, dt += o.dt, a += o.a;
+    cs += o.cs, rs += o.rs, ct += o.ct, rt += o.rt, a += o.a;
   }
 
   __device__ __forceinline__ void shfl_merge(int lane_mask) {
     KlState o;
     o.ms = __shfl_xor_sync(kFullMask, ms, lane_mask);
-    o.ds = __shfl_xor_sync(kFullMask, ds, lane_mask);
+    o.cs = __shfl_xor_sync(kFullMask, cs, lane_mask);
+    o.rs = __shfl_xor_sync(kFullMask, rs, lane_mask);
     o.mt = __shfl_xor_sync(kFullMask, mt, lane_mask);
-    o.dt = __shfl_xor_sync(kFullMask, dt, lane_mask);
+    o.ct = __shfl_xor_sync(kFullMask, ct, lane_mask);
+    o.rt = __shfl_xor_sync(kFullMask, rt, lane_mask);
     o.a = __shfl_xor_sync(kFullMask, a, lane_mask);
     merge(o);
   }
 
-  __device__ __forceinline__ void store(float* p) const { p[0] = ms, p[1] = ds, p[2] = mt, p[3] = dt, p[4] = a; }
+  __device__ __forceinline__ void store(float* p) const {
+    p[0] = ms, p[1] = cs, p[2] = rs, p[3] = mt, p[4] = ct, p[5] = rt, p[6] = a;
+  }
   __device__ __forceinline__ void merge_from(const float* p) {
     KlState o;
-    o.ms = p[0], o.ds = p[1], o.mt = p[2], o.dt = p[3], o.a = p[4];
+    o.ms = p[0], o.cs = p[1], o.rs = p[2], o.mt = p[3], o.ct = p[4], o.rt = p[5], o.a = p[6];
     merge(o);
   }
+  // KL = a / ds + log(dt / ds), the log as log1p((dt - ds) / ds), dt - ds = (ct - cs) + (rt - rs): exact for
+  // identical rows, precise for near-identical ones.
+  __device__ __forceinline__ float kl() const {
+    const float ds = cs + rs;
+    return a / ds + log1pf(((ct - cs) + (rt - rs)) / ds);
+  }
 };
+
+// The float64 log-sum-exp of the contract: m + log d summed in double (an fp32 lse rounds to eps * |lse|).
+__device__ __forceinline__ double lse_out(float m, float log_d) {
+  return static_cast<double>(m) + static_cast<double>(log_d);
+}
+
+// A float64 lse as fp32 hi + lo: log p = (z - hi) - lo, whose first difference is exact near the row max.
+struct SplitLse {
+  float hi, lo;
+};
+__device__ __forceinline__ SplitLse split_lse(double lse) {
+  const float hi = static_cast<float>(lse);
+  return SplitLse{hi, static_cast<float>(lse - static_cast<double>(hi))};
+}
 
 // Butterfly over the 32 lanes: every lane ends with the warp's merged state.
 template <class State>

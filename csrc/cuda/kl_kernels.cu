@@ -3,8 +3,8 @@
 // Design note (Hopper, memory-bound; numerics in common.cuh):
 // - Forward: grid (n, splits), 256 threads. Block (r, s) walks its columns of the student AND teacher rows
 //   together: per step each thread issues U = 2 pack loads per row (16 B for the wider dtype) before using
-//   them, i.e. 16 KiB in flight per block; per-thread state (ms, ds, mt, dt, a) = 5 floats, one joint rescale
-//   per pack when either max grows, 2 ex2 per column pair; warp butterfly + shared-memory merge. Bytes moved:
+//   them, i.e. 16 KiB in flight per block; per-thread state (ms, cs, rs, mt, ct, rt, a) = 7 floats, one rescale
+//   per pack when either max grows, 2 exp per column pair; warp butterfly + shared-memory merge. Bytes moved:
 //   n*v*(elt_s + elt_t) + ~20 B per row: the exact KL costs one read of each logit matrix. Few rows: the
 //   row is cut into column ranges whose states a one-warp-per-row combine kernel merges (as logprob_kernels).
 // - Backward: the same walk, elementwise from the global (lse_s, lse_t, kl): reads both rows once, writes the
@@ -29,7 +29,7 @@ struct KlVisitor {
   static constexpr int VEC = kl_vec<TS, TT>(), U = 2;
   const TS* srow;
   const TT* trow;
-  float scale;
+  float inv_t;
   KlState st;
   float bs[U][VEC], bt[U][VEC];
 
@@ -37,41 +37,40 @@ struct KlVisitor {
     load_pack<TS, VEC>(srow + c, bs[u]);
     load_pack<TT, VEC>(trow + c, bt[u]);
   }
-  __device__ __forceinline__ void consume(int u, int64_t) { st.add(bs[u], bt[u], scale); }
+  __device__ __forceinline__ void consume(int u, int64_t) { st.add(bs[u], bt[u], inv_t); }
   __device__ __forceinline__ void scalar(int64_t c) {
     const float xs[1] = {to_f32(srow[c])}, xt[1] = {to_f32(trow[c])};
-    st.add(xs, xt, scale);
+    st.add(xs, xt, inv_t);
   }
 };
 
 template <typename TS>
 __device__ __forceinline__ void finish_row(const TS* srow, int64_t row, int64_t v, const KlState& st,
-                                           const int64_t* tokens, float scale, int64_t vocab_start,
-                                           int64_t ignore_index, float* kl, float* lse_s, float* lse_t,
+                                           const int64_t* tokens, float inv_t, int64_t vocab_start,
+                                           int64_t ignore_index, float* kl, double* lse_s, double* lse_t,
                                            float* logp_s) {
-  // log2(dt / ds), not log2 dt - log2 ds: one rounding instead of two O(log V) ones for near-equal rows
-  kl[row] = (st.a / st.ds + log2f(st.dt / st.ds)) * kLn2;
-  const float lse2_s = st.ms + log2f(st.ds);
-  lse_s[row] = lse2_s * kLn2;
-  lse_t[row] = (st.mt + log2f(st.dt)) * kLn2;
+  kl[row] = st.kl();
+  const float log_ds = log_mass(st.cs, st.rs);
+  lse_s[row] = lse_out(st.ms, log_ds);
+  lse_t[row] = lse_out(st.mt, log_mass(st.ct, st.rt));
   if (tokens != nullptr) {
     const TokenCol tc = token_col(tokens, row, v, vocab_start, ignore_index);
-    logp_s[row] = tc.owned ? (to_f32(srow[tc.col]) * scale - lse2_s) * kLn2 : 0.f;
+    logp_s[row] = tc.owned ? (to_f32(srow[tc.col]) * inv_t - st.ms) - log_ds : 0.f;
   }
 }
 
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     kl_fwd_kernel(const TS* __restrict__ s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
-                  const int64_t* __restrict__ tokens, float scale, int64_t vocab_start, int64_t ignore_index,
-                  float* __restrict__ kl, float* __restrict__ lse_s, float* __restrict__ lse_t,
+                  const int64_t* __restrict__ tokens, float inv_t, int64_t vocab_start, int64_t ignore_index,
+                  float* __restrict__ kl, double* __restrict__ lse_s, double* __restrict__ lse_t,
                   float* __restrict__ logp_s, float* __restrict__ workspace) {
   using Vis = KlVisitor<TS, TT>;
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y, splits = gridDim.y;
   const TS* sr = s + row * s_stride;
   const TT* tr = t + row * t_stride;
-  Vis vis{sr, tr, scale};
+  Vis vis{sr, tr, inv_t};
   const int64_t mis = misalignment<Vis::VEC>(sr);
   walk_row(make_span<Vis::VEC>(v, mis, mis == misalignment<Vis::VEC>(tr), split, splits), vis);
   block_reduce<KlState, kKlStateFloats>(vis.st);
@@ -79,40 +78,42 @@ __global__ void __launch_bounds__(kThreads)
   if (splits > 1) {
     vis.st.store(workspace + (row * splits + split) * kKlStateFloats);
   } else {
-    finish_row(sr, row, v, vis.st, tokens, scale, vocab_start, ignore_index, kl, lse_s, lse_t, logp_s);
+    finish_row(sr, row, v, vis.st, tokens, inv_t, vocab_start, ignore_index, kl, lse_s, lse_t, logp_s);
   }
 }
 
 template <typename TS>
 __global__ void __launch_bounds__(32)
     kl_combine_kernel(const TS* __restrict__ s, int64_t s_stride, int64_t v, const int64_t* __restrict__ tokens,
-                      float scale, int64_t vocab_start, int64_t ignore_index, float* __restrict__ kl,
-                      float* __restrict__ lse_s, float* __restrict__ lse_t, float* __restrict__ logp_s,
+                      float inv_t, int64_t vocab_start, int64_t ignore_index, float* __restrict__ kl,
+                      double* __restrict__ lse_s, double* __restrict__ lse_t, float* __restrict__ logp_s,
                       const float* __restrict__ workspace, int splits) {
   const int64_t row = blockIdx.x;
   KlState st;
   for (int i = threadIdx.x; i < splits; i += 32) st.merge_from(workspace + (row * splits + i) * kKlStateFloats);
   warp_reduce(st);
   if (threadIdx.x == 0) {
-    finish_row(s + row * s_stride, row, v, st, tokens, scale, vocab_start, ignore_index, kl, lse_s, lse_t, logp_s);
+    finish_row(s + row * s_stride, row, v, st, tokens, inv_t, vocab_start, ignore_index, kl, lse_s, lse_t, logp_s);
   }
 }
 
-// grad_s = inv_t * g * p_s * (log p_s - log p_t - kl), with log p_s - log p_t = (xs - xt) inv_t - (lse_s - lse_t).
+// grad_s = inv_t * g * p_s * (log p_s - log p_t - kl), with log p_s - log p_t = (zs - zt) - (lse_s - lse_t)
+// (the lse difference taken in double) and log p_s = (zs - lse_hi) - lse_lo.
 template <typename TS, typename TT>
 struct KlGradVisitor {
   static constexpr int VEC = kl_vec<TS, TT>(), U = 2;
   const TS* srow;
   const TT* trow;
   TS* out;
-  float scale, inv_t, lse2_s, dlse, kl, g_inv_t;
+  float inv_t, lse_hi, lse_lo, dlse, kl, g_inv_t;
   bool active;  // g != 0: rows with a zero upstream gradient get exact zeros (even with NaN logits)
   float bs[U][VEC], bt[U][VEC];
 
   __device__ __forceinline__ float grad_at(float xs, float xt) const {
-    const float p = fast_exp2(xs * scale - lse2_s);
-    // (xs - xt) first: exact for near-identical rows; p == 0 (-inf logit) contributes 0, NaN stays NaN
-    return p == 0.f ? 0.f : p * ((xs - xt) * inv_t - dlse - kl) * g_inv_t;
+    const float zs = xs * inv_t, zt = xt * inv_t;
+    const float p = fast_exp((zs - lse_hi) - lse_lo);
+    // (zs - zt) first: exact for near-identical rows; p == 0 (-inf logit) contributes 0, NaN stays NaN
+    return p == 0.f ? 0.f : p * ((zs - zt) - dlse - kl) * g_inv_t;
   }
   __device__ __forceinline__ void load(int u, int64_t c) {
     if (!active) return;
@@ -133,8 +134,8 @@ struct KlGradVisitor {
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     kl_bwd_kernel(const TS* __restrict__ s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
-                  const float* __restrict__ grad_kl, const float* __restrict__ lse_s,
-                  const float* __restrict__ lse_t, const float* __restrict__ kl, float scale, float inv_t,
+                  const float* __restrict__ grad_kl, const double* __restrict__ lse_s,
+                  const double* __restrict__ lse_t, const float* __restrict__ kl, float inv_t,
                   TS* __restrict__ grad) {
   using Vis = KlGradVisitor<TS, TT>;
   const int64_t row = blockIdx.x;
@@ -142,7 +143,9 @@ __global__ void __launch_bounds__(kThreads)
   const TT* tr = t + row * t_stride;
   TS* gr = grad + row * v;
   const float g = grad_kl[row];
-  Vis vis{sr, tr, gr, scale, inv_t, lse_s[row] * kLog2e, lse_s[row] - lse_t[row], kl[row], g * inv_t, g != 0.f};
+  const SplitLse l = split_lse(lse_s[row]);
+  const float dlse = static_cast<float>(lse_s[row] - lse_t[row]);
+  Vis vis{sr, tr, gr, inv_t, l.hi, l.lo, dlse, kl[row], g * inv_t, g != 0.f};
   const int64_t mis = misalignment<Vis::VEC>(sr);
   const bool vec_ok = mis == misalignment<Vis::VEC>(tr) && mis == misalignment<Vis::VEC>(gr);
   walk_row(make_span<Vis::VEC>(v, mis, vec_ok, blockIdx.y, gridDim.y), vis);
@@ -153,14 +156,14 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     opd_full_kernel(const TS* __restrict__ s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
                     const int64_t* __restrict__ tokens, const float* __restrict__ advantages,
-                    const bool* __restrict__ mask, double coef, float scale, float* __restrict__ adv_out,
+                    const bool* __restrict__ mask, double coef, float inv_t, float* __restrict__ adv_out,
                     float* __restrict__ kl_out, float* __restrict__ logp_out) {
   using Vis = KlVisitor<TS, TT>;
   const int64_t row = blockIdx.x;
   const bool keep = mask == nullptr || mask[row];
   const TS* sr = s + row * s_stride;
   const TT* tr = t + row * t_stride;
-  Vis vis{sr, tr, scale};
+  Vis vis{sr, tr, inv_t};
   const int64_t mis = misalignment<Vis::VEC>(sr);
   walk_row(make_span<Vis::VEC>(keep ? v : 0, mis, mis == misalignment<Vis::VEC>(tr), 0, 1), vis);
   block_reduce<KlState, kKlStateFloats>(vis.st);
@@ -170,9 +173,9 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   const KlState& st = vis.st;
-  const float kl = (st.a / st.ds + log2f(st.dt / st.ds)) * kLn2;
+  const float kl = st.kl();
   const int64_t tok = tokens[row];
-  logp_out[row] = tok >= 0 && tok < v ? (to_f32(sr[tok]) * scale - st.ms - log2f(st.ds)) * kLn2 : 0.f;
+  logp_out[row] = tok >= 0 && tok < v ? (to_f32(sr[tok]) * inv_t - st.ms) - log_mass(st.cs, st.rs) : 0.f;
   kl_out[row] = kl;
   adv_out[row] = static_cast<float>(advantages[row] - coef * static_cast<double>(kl));
 }
@@ -186,41 +189,39 @@ cudaError_t with_dtypes(DType ds, DType dt, F&& f) {
 }  // namespace
 
 cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,
-                   int64_t ignore_index, float* kl, float* lse_s, float* lse_t, float* logp_s,
+                   int64_t ignore_index, float* kl, double* lse_s, double* lse_t, float* logp_s,
                    const SplitPlan& plan, float* workspace, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const float scale = inv_t * kLog2e;
   const dim3 grid(static_cast<unsigned>(n), plan.splits);
   return with_dtypes(s.dtype, t.dtype, [&](auto s_tag, auto t_tag) {
     using TS = decltype(s_tag);
     using TT = decltype(t_tag);
     const TS* sp = static_cast<const TS*>(s.data);
     kl_fwd_kernel<TS, TT><<<grid, kThreads, 0, stream>>>(sp, s.row_stride, static_cast<const TT*>(t.data),
-                                                         t.row_stride, v, tokens, scale, vocab_start, ignore_index,
+                                                         t.row_stride, v, tokens, inv_t, vocab_start, ignore_index,
                                                          kl, lse_s, lse_t, logp_s, workspace);
     if (plan.splits > 1) {
       kl_combine_kernel<TS><<<static_cast<unsigned>(n), 32, 0, stream>>>(
-          sp, s.row_stride, v, tokens, scale, vocab_start, ignore_index, kl, lse_s, lse_t, logp_s, workspace,
+          sp, s.row_stride, v, tokens, inv_t, vocab_start, ignore_index, kl, lse_s, lse_t, logp_s, workspace,
           plan.splits);
     }
     return cudaGetLastError();
   });
 }
 
-cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const float* lse_s,
-                   const float* lse_t, const float* kl, float inv_t, void* grad, cudaStream_t stream) {
+cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const double* lse_s,
+                   const double* lse_t, const float* kl, float inv_t, void* grad, cudaStream_t stream) {
   if (n == 0 || v == 0) return cudaSuccess;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   const int elem = s.dtype == DType::kFloat32 || t.dtype == DType::kFloat32 ? 4 : 2;
   const dim3 grid(static_cast<unsigned>(n), plan_forward(n, v, elem, 0, device).splits);
-  const float scale = inv_t * kLog2e;
   return with_dtypes(s.dtype, t.dtype, [&](auto s_tag, auto t_tag) {
     using TS = decltype(s_tag);
     using TT = decltype(t_tag);
     kl_bwd_kernel<TS, TT><<<grid, kThreads, 0, stream>>>(static_cast<const TS*>(s.data), s.row_stride,
                                                          static_cast<const TT*>(t.data), t.row_stride, v, grad_kl,
-                                                         lse_s, lse_t, kl, scale, inv_t, static_cast<TS*>(grad));
+                                                         lse_s, lse_t, kl, inv_t, static_cast<TS*>(grad));
     return cudaGetLastError();
   });
 }
@@ -229,13 +230,12 @@ cudaError_t opd_full_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* to
                          const bool* mask, double coef, float inv_t, float* adv_out, float* kl, float* logp,
                          cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const float scale = inv_t * kLog2e;
   return with_dtypes(s.dtype, t.dtype, [&](auto s_tag, auto t_tag) {
     using TS = decltype(s_tag);
     using TT = decltype(t_tag);
     opd_full_kernel<TS, TT><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
         static_cast<const TS*>(s.data), s.row_stride, static_cast<const TT*>(t.data), t.row_stride, v, tokens,
-        advantages, mask, coef, scale, adv_out, kl, logp);
+        advantages, mask, coef, inv_t, adv_out, kl, logp);
     return cudaGetLastError();
   });
 }

@@ -28,23 +28,24 @@ struct SplitPlan {
 };
 SplitPlan plan_forward(int64_t n, int64_t v, int elem_bytes, int state_floats, int device);
 
-// logp / lse: [n] fp32; entropy: [n] fp32 or nullptr (not computed). See csrc/registration.cpp for the math.
+// logp: [n] fp32; entropy: [n] fp32 or nullptr (not computed); lse: [n] float64 (the contract,
+// opd_kernels/ops/README.md: an fp32 lse would cost confident rows their backward precision).
 cudaError_t logprob_fwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,
-                        int64_t ignore_index, float* logp, float* entropy, float* lse, const SplitPlan& plan,
+                        int64_t ignore_index, float* logp, float* entropy, double* lse, const SplitPlan& plan,
                         float* workspace, cudaStream_t stream);
 
 // grad: contiguous [n, v] of x's dtype. grad_entropy / entropy: nullptr when the entropy has no gradient.
 cudaError_t logprob_bwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, const float* grad_logp,
-                        const float* grad_entropy, const float* lse, const float* entropy, float inv_t,
+                        const float* grad_entropy, const double* lse, const float* entropy, float inv_t,
                         int64_t vocab_start, int64_t ignore_index, void* grad, cudaStream_t stream);
 
 // tokens / logp_s: nullptr when no sampled tokens are given.
 cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,
-                   int64_t ignore_index, float* kl, float* lse_s, float* lse_t, float* logp_s,
+                   int64_t ignore_index, float* kl, double* lse_s, double* lse_t, float* logp_s,
                    const SplitPlan& plan, float* workspace, cudaStream_t stream);
 
-cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const float* lse_s,
-                   const float* lse_t, const float* kl, float inv_t, void* grad, cudaStream_t stream);
+cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const double* lse_s,
+                   const double* lse_t, const float* kl, float inv_t, void* grad, cudaStream_t stream);
 
 // Fused OPD epilogues (whole vocabulary, one launch, one block per row). mask: bool [n] or nullptr; rows with
 // mask == false are not read and give adv_out = advantages, kl = 0, logp = 0. kl_kind 1/2/3 = k1/k2/k3 of
@@ -56,7 +57,7 @@ cudaError_t opd_full_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* to
                          const bool* mask, double coef, float inv_t, float* adv_out, float* kl, float* logp,
                          cudaStream_t stream);
 
-constexpr int kLogprobStateFloats = 3;  // m, d, b
-constexpr int kKlStateFloats = 5;       // ms, ds, mt, dt, a
+constexpr int kLogprobStateFloats = 4;  // m, c, r, b
+constexpr int kKlStateFloats = 7;       // ms, cs, rs, mt, ct, rt, a
 
 }  // namespace opd_cuda
