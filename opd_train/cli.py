@@ -14,13 +14,15 @@ import argparse
 import sys
 
 from .config import ConfigError, add_arguments, build_config, explicit_values, validate
+from .orchestration.support import TeacherUnavailable
 
 SUBCOMMANDS = ("train", "serve", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="opd-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="opd-train", usage="opd-train [train|serve|convert] [FLAGS]  (opd-train serve --help, ...)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
         epilog="Example (SGLang teacher): opd-train --hf-checkpoint Qwen3-8B --prompt-data train.jsonl --use-opd "
                "--opd-type sglang --rm-url http://127.0.0.1:13141/generate --rollout-batch-size 16 "
@@ -64,6 +66,9 @@ def train_main(argv: list[str]) -> int:
             run(validate(build_config(values)))
     except ConfigError as exc:
         parser.exit(2, f"opd-train: error: {exc}\n")
+    except TeacherUnavailable as exc:
+        where = f"; resumable checkpoint: {exc.checkpoint} (resume with --load)" if exc.checkpoint else ""
+        parser.exit(3, f"opd-train: error: {exc}{where}\n")
     return 0
 
 

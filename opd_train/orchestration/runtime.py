@@ -6,6 +6,7 @@ Everything is torn down in reverse order on exit, also after an error, so no ser
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from ..backends.megatron import (BatchingSettings, CheckpointSettings, CriticSettings, ModelSource, OptimizerSettings,
@@ -69,8 +70,10 @@ class Runtime:
     @classmethod
     def start(cls, c: Config, save_dir: str, *, engine_threads: int | None = None) -> "Runtime":
         import ray
+        t0 = time.perf_counter()
         world = c.derived["world_size"]
         started = start_ray(c.cluster, min_cpus=world + 1)
+        t_ray = time.perf_counter()
         try:
             placement = plan_placement(c.cluster, world)
             plan = plan_rewards(c.reward, use_opd=c.opd.use_opd, opd_type=c.opd.opd_type,
@@ -81,11 +84,16 @@ class Runtime:
                 vocab_size=c.derived["vocab_size"], log_dir=c.log.output_dir, engine_threads=engine_threads)
             engines = manager.start.remote()                       # engines start while the trainers build
             trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement)
+            t_trainers = time.perf_counter()
             try:
                 ray.get(engines)
             except BaseException:
                 trainers.shutdown()
+                ray.kill(manager)
                 raise
+            print(f"[opd-train] started in {time.perf_counter() - t0:.1f} s (ray {t_ray - t0:.1f} s, {world} trainer "
+                  f"rank(s) on {placement.device} {t_trainers - t_ray:.1f} s, {c.rollout.rollout_num_engines} "
+                  f"engine(s) ready {time.perf_counter() - t_ray:.1f} s after ray)", flush=True)
             return cls(manager, trainers, plan, started)
         except BaseException:
             if started:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..config import OPD_POST_PROCESS, OPD_REWARD_FUNC, RewardConfig, RolloutConfig
@@ -140,11 +140,15 @@ class RolloutManager:
     async def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Sample], dict[str, float]]:
         """Samples of one rollout step (groups adjacent, in prompt order) with rewards, and timing metrics."""
         n, start = self.cfg.n_samples_per_prompt, time.perf_counter()
+        base_seed = (self.cfg.rollout_seed * 1_000_003 + step) * 100_003
         params = self._params(max_new_tokens=self.cfg.rollout_max_response_len,
-                              temperature=self.cfg.rollout_temperature, seed=self.cfg.rollout_seed * 100_003 + step)
+                              temperature=self.cfg.rollout_temperature, seed=base_seed)
         reward, metric = self._fn(self.plan.reward), self._fn(self.plan.metric)
+        # One seed per group (the engine derives one per sample from it): reproducible whatever the batching,
+        # and different groups never share a random stream.
         groups = await asyncio.gather(*(
-            self._group(self.engines[g % len(self.engines)], p, g, n, params, reward, metric)
+            self._group(self.engines[g % len(self.engines)], p, g, n, replace(params, seed=params.seed + g), reward,
+                        metric)
             for g, p in enumerate(prompts)))
         samples = [s for grp in groups for s in grp]
         generated = time.perf_counter()

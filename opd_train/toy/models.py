@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import task
 from .tokenizer import EOS_ID, MODEL_VOCAB_SIZE, PAD_ID, encode, save_tokenizer
 
-TASK_VERSION = "add3-reversed-v1"
+TASK_VERSION = "add3-all-reversed-v1"
 
 
 @dataclass(frozen=True)

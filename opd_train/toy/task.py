@@ -1,8 +1,10 @@
-"""The toy task of the CPU experiment: 3-digit addition with the answer written least-significant digit first.
+"""The toy task of the CPU experiment: 3-digit addition, every number written least-significant digit first.
 
-``123+456=`` -> ``975$`` (579 reversed, then the end token). Writing the sum reversed makes every output digit a
-local function of two operand digits and the carry, which a 2-layer model can learn, while a model that has not
-learnt the carry gets most multi-carry sums wrong: a clear, measurable gap between a weak and a strong model.
+123 + 456 = 579 is written ``321+654=`` -> ``975$`` (then the end token). With operands and sum reversed, output
+digit i depends on operand digits i and the carry from digit i-1, at fixed relative positions, so a small RoPE
+model can learn it (measured here: a 4-layer d128 Qwen3 reaches ~99% in 400 SFT steps of 128 samples; with the
+operands in natural order it needs about twice the samples). A model that has not learnt the carry gets most
+carrying sums wrong: a clear, measurable gap between a weak and a strong model.
 
 A fixed hash holds out ~2.3% of the 10^6 operand pairs; evaluation uses only held-out pairs, training never sees
 them (SFT and RL draw from the rest). The tokenizer (:mod:`.tokenizer`) is character level, saved in HF format so
@@ -25,7 +27,7 @@ def is_held_out(a: int, b: int) -> bool:
 
 
 def prompt_text(a: int, b: int) -> str:
-    return f"{a:0{DIGITS}d}+{b:0{DIGITS}d}="
+    return f"{a:0{DIGITS}d}"[::-1] + "+" + f"{b:0{DIGITS}d}"[::-1] + "="
 
 
 def answer_text(a: int, b: int) -> str:

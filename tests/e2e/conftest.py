@@ -1,0 +1,53 @@
+"""Shared pieces of the end-to-end tests: tiny SFT models of the toy task, its prompt files, one Ray cluster, one
+teacher server (our CPU engine over HTTP), and ``run_driver`` (the real training loop, short runs).
+
+Everything is real: Ray actors, the Megatron trainer on gloo, our SGLang-protocol engines as subprocesses.
+The models are trained for a few SFT steps only (the driver's behaviour is under test, not the accuracy).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    from opd_train.toy import task
+    from opd_train.toy.experiment import STUDENT
+    from opd_train.toy.models import SFTSettings, build_sft_model
+    root = tmp_path_factory.mktemp("toy")
+    pairs = task.sample_pairs(random.Random(1), 32, held_out=True)
+    teacher, _ = build_sft_model(SFTSettings(STUDENT, steps=40, lr=3e-3, batch_size=32, seed=0), str(root),
+                                 "teacher", eval_pairs=pairs, log=lambda *_: None)
+    student, _ = build_sft_model(SFTSettings(STUDENT, steps=5, lr=1e-3, batch_size=32, seed=1), str(root),
+                                 "student", eval_pairs=pairs, log=lambda *_: None)
+    train, evals = task.write_task_files(str(root / "data"), train_prompts=256, eval_prompts=16, seed=0)
+    return {"root": root, "teacher": teacher, "student": student, "train": train, "eval": evals}
+
+
+@pytest.fixture(scope="session")
+def teacher_dist(toy):
+    """The teacher as a torch_dist checkpoint (via the `opd-train convert` command)."""
+    from opd_train.toy.experiment import _convert_teacher
+    return _convert_teacher(toy["teacher"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def teacher_server(toy):
+    from opd_train.rollout.engines import launch_cpu_engine
+    server = launch_cpu_engine(toy["teacher"], log_path=str(toy["root"] / "teacher.log"))
+    yield server
+    server.stop()

@@ -1,0 +1,36 @@
+"""The CPU default experiment through the console entry point (shortened with --experiment-fast)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_experiment_fast_writes_the_table(ray_cluster, tmp_path, capsys):
+    from opd_train import cli
+    out = tmp_path / "exp"
+    assert cli.main(["--experiment-fast", "--output-dir", str(out), "--experiment-cache-dir",
+                     str(tmp_path / "cache"), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    table = results["table"]
+    assert set(table) == {"student SFT", "student SFT + OPD", "student SFT + GRPO (reward only)", "teacher"}
+    assert all(0.0 <= v <= 1.0 for v in table.values())
+    assert [s for s, _ in results["eval_curves"]["opd"]][0] == 0
+    assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "opd" / "metrics.jsonl")
+    assert "| student SFT + OPD |" in capsys.readouterr().out
+
+
+def test_console_script_rejects_bad_flags_fast(tmp_path):
+    """The installed `opd-train` refuses an invalid combination with status 2 and starts nothing."""
+    exe = os.path.join(os.path.dirname(sys.executable), "opd-train")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "opd_train.cli"]
+    proc = subprocess.run(cmd + ["--use-opd", "--opd-type", "sglang", "--opd-teacher-load", str(tmp_path),
+                                 "--output-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--opd-teacher-load is for --opd-type megatron" in proc.stderr
+    assert not (tmp_path / "x").exists()
