@@ -1,8 +1,8 @@
 // Every schema of the op library on one screen. Implementations: csrc/cpu/*.cpp (CPU), csrc/cuda/* (CUDA).
 // These are "row kernels" over a 2-D view [N, V_shard] of the logits (row stride arbitrary, column stride 1).
 // Results are shard-local (log-sum-exp over this rank's vocabulary shard, vocab ids offset by vocab_start);
-// with one shard they are the final values. Per-row outputs are fp32 except the log-sum-exps (lse, lse_s, lse_t),
-// which are float64 so that the backward's log p = z - lse stays exact for confident rows (ops/README.md). The Python layer (opd_kernels/ops/*) combines shards with
+// with one shard they are the final values. Per-row outputs are fp32 except those that feed a backward (lse, lse_s,
+// lse_t, and kl_fwd's kl), which are float64 so that the backwards stay exact for confident rows (ops/README.md). The Python layer (opd_kernels/ops/*) combines shards with
 // all-reduces of per-row scalars, wraps everything in torch.library custom ops and autograd.
 #include <torch/library.h>
 

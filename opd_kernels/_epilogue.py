@@ -49,7 +49,7 @@ def compose_missing(table: dict[str, Callable]) -> dict[str, Callable]:
 
     def opd_full_fwd(student, teacher, tokens, advantages, mask, coef, inv_temperature):
         kl, _, _, logp = kl_fwd(student, teacher, masked_tokens(tokens, mask), inv_temperature, 0, MASKED_TOKEN)
-        return apply_advantage(advantages, kl, logp, mask, coef)
+        return apply_advantage(advantages, kl.float(), logp, mask, coef)
 
     out.setdefault("opd_sampled_fwd", opd_sampled_fwd)
     out.setdefault("opd_full_fwd", opd_full_fwd)

@@ -26,13 +26,20 @@ def _scaled(x: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     return z * inv_temperature if inv_temperature != 1.0 else z
 
 
-def _log_softmax(z: torch.Tensor):
-    """(log p [c, V], lse = m + log s [c] in float64) with m the row max (0 for an all -inf row)."""
+def _max_relative(z: torch.Tensor):
+    """(zm = z - m [c, V], e = exp(zm) [c, V], s = sum e [c], m [c]) with m the row max (0 for an all -inf row)."""
     m = z.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    zm = z - m  # (c, V)
-    log_s = torch.log(torch.exp(zm).sum(-1, keepdim=True))
-    return zm - log_s, (m.double() + log_s.double()).squeeze(-1)
+    zm = z - m
+    e = torch.exp(zm)
+    return zm, e, e.sum(-1), m.squeeze(-1)
+
+
+def _log_softmax(z: torch.Tensor):
+    """(log p [c, V], lse = m + log s [c] in float64)."""
+    zm, _, s, m = _max_relative(z)
+    log_s = torch.log(s)
+    return zm - log_s.unsqueeze(-1), m.double() + log_s.double()
 
 
 def _minus_lse(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -96,14 +103,23 @@ def logprob_bwd(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperatur
 
 def kl_fwd(student, teacher, tokens, inv_temperature: float, vocab_start: int, ignore_index: int):
     n, vocab = student.shape
-    kl = student.new_zeros(n, dtype=torch.float32)
-    lse_s, lse_t = torch.zeros_like(kl, dtype=torch.float64), torch.zeros_like(kl, dtype=torch.float64)
+    kl, lse_s, lse_t = (student.new_zeros(n, dtype=torch.float64) for _ in range(3))
     logp = student.new_zeros(n if tokens is not None else 0, dtype=torch.float32)
     for rows in _chunks(n, vocab):
-        log_ps, lse_s[rows] = _log_softmax(_scaled(student[rows], inv_temperature))  # (c, V)
-        log_pt, lse_t[rows] = _log_softmax(_scaled(teacher[rows], inv_temperature))
-        kl[rows] = _plogp_sum(torch.exp(log_ps), log_ps - log_pt)
+        zs, zt = _scaled(student[rows], inv_temperature), _scaled(teacher[rows], inv_temperature)  # (c, V)
+        zms, es, ss, ms = _max_relative(zs)
+        _, _, st, mt = _max_relative(zt)
+        log_ss, log_st = torch.log(ss.double()), torch.log(st.double())
+        lse_s[rows], lse_t[rows] = ms.double() + log_ss, mt.double() + log_st
+        # KL = sum e_s ((zs - ms) - (zt - r)) / s_s - log s_s + lse_t - r, r = zt at the student's argmax: the
+        # dominant term of a confident student is exactly 0, and the row constants enter once, in float64 (see
+        # csrc/cpu/softmax.h: the backward needs KL to better than ulp(|lse|))
+        r = zt.gather(-1, zs.argmax(-1, keepdim=True))
+        r = torch.where(r == float("-inf"), torch.zeros_like(r), r)
+        a = _plogp_sum(es, zms - (zt - r)).double()
+        kl[rows] = a / ss.double() - log_ss + (lse_t[rows] - r.squeeze(-1).double())
         if tokens is not None:
+            log_ps = zms - log_ss.float().unsqueeze(-1)
             logp[rows] = _token_logp(log_ps, tokens[rows], vocab_start, ignore_index)
     return kl, lse_s, lse_t, logp
 
@@ -112,10 +128,13 @@ def kl_bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature: float):
     n, vocab = student.shape
     grad = torch.empty((n, vocab), dtype=student.dtype, device=student.device)
     for rows in _chunks(n, vocab):
-        log_ps = _minus_lse(_scaled(student[rows], inv_temperature), lse_s[rows])  # (c, V)
-        log_pt = _minus_lse(_scaled(teacher[rows], inv_temperature), lse_t[rows])
-        ps = torch.exp(log_ps)
-        term = torch.where(ps != 0, ps * (log_ps - log_pt - kl[rows].unsqueeze(-1)), torch.zeros_like(ps))
+        zs, zt = _scaled(student[rows], inv_temperature), _scaled(teacher[rows], inv_temperature)  # (c, V)
+        ps = torch.exp(_minus_lse(zs, lse_s[rows]))
+        # log p_s - log p_t - KL = (zs - zt) - (KL + lse_s - lse_t), in float64: where the student is confident
+        # and the teacher is not, both parts are ~|lse| and their difference is small (see csrc/cpu/kl.cpp)
+        const = (kl[rows] + lse_s[rows] - lse_t[rows]).unsqueeze(-1)
+        u = ((zs.double() - zt.double()) - const).float()
+        term = torch.where(ps != 0, ps * u, torch.zeros_like(ps))
         g_kl = grad_kl[rows].unsqueeze(-1)
         # rows with a zero upstream gradient (masked rows) get exact zeros, even when their logits are NaN
         grad[rows] = torch.where(g_kl != 0, (g_kl * inv_temperature) * term, torch.zeros_like(term))

@@ -11,8 +11,7 @@ namespace {
 
 
 struct KlResult {
-  float kl;
-  double lse_s, lse_t;
+  double kl, lse_s, lse_t;
   float logp;
 };
 
@@ -22,7 +21,8 @@ inline KlResult kl_row(const T* xs, const T* xt, int64_t V, float inv_t, int64_t
   const PairStats st = pair_stats(xs, xt, V, inv_t);
   const double log_ss = std::log(st.ss), log_st = std::log(st.st);
   const double logp = col >= 0 ? (double(static_cast<float>(xs[col]) * inv_t) - st.ms) - log_ss : 0.0;
-  return {float(st.a / st.ss - log_ss + log_st), st.ms + log_ss, st.mt + log_st, float(logp)};
+  const double lse_t = st.mt + log_st;
+  return {st.a / st.ss - log_ss + (lse_t - st.r), st.ms + log_ss, lse_t, float(logp)};
 }
 
 
@@ -37,11 +37,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
   const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
   if (tokens) check_row_vector(*tokens, N, at::kLong, xs, "tokens");
   const auto opts = xs.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({N}, opts), logp = at::empty({tokens ? N : 0}, opts);
-  at::Tensor lse_s = at::empty({N}, opts.dtype(at::kDouble)), lse_t = at::empty({N}, opts.dtype(at::kDouble));
+  const auto f64 = opts.dtype(at::kDouble);
+  at::Tensor kl = at::empty({N}, f64), lse_s = at::empty({N}, f64), lse_t = at::empty({N}, f64);
+  at::Tensor logp = at::empty({tokens ? N : 0}, opts);
   const int64_t* tok = tokens ? tokens->const_data_ptr<int64_t>() : nullptr;
-  float* ko = kl.data_ptr<float>();
-  double *lso = lse_s.data_ptr<double>(), *lto = lse_t.data_ptr<double>();
+  double *ko = kl.data_ptr<double>(), *lso = lse_s.data_ptr<double>(), *lto = lse_t.data_ptr<double>();
   float* lpo = logp.data_ptr<float>();
   const float inv_t = float(inv_temperature);
   dispatch_float(xs.scalar_type(), [&](auto tag) {
@@ -62,27 +62,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
 }
 
 // grad = inv_t g p_s (log p_s - log p_t - KL); rows with g == 0 are written as zeros (masked rows may be NaN).
-// The double lse are split into hi + lo (see logprob_bwd_row: keeps p_s ~ 1 accurate).
+// log p_s - log p_t - KL = (zs - zt) - C with the row constant C = KL + lse_s - lse_t (double, split hi + lo) and
+// zs - zt formed exactly (TwoSum): where the student is confident and the teacher is not, zs - zt and C are
+// both ~|lse| while their difference is small, so one fp32 rounding of zs - zt would cost eps |lse|.
 template <typename T>
 inline void kl_bwd_row(const T* xs, const T* xt, T* out, int64_t V, float inv_t, float g, double lse_s,
-                       double lse_t, float kl) {
+                       double lse_t, double kl) {
   if (g == 0.f) {
     std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
     return;
   }
-  const float hs = float(lse_s), ht = float(lse_t);
-  const __m256 vi = _mm256_set1_ps(inv_t), vls = _mm256_set1_ps(-hs), vlt = _mm256_set1_ps(-ht);
-  const __m256 vlo_s = _mm256_set1_ps(float(lse_s - hs)), vlo_t = _mm256_set1_ps(float(lse_t - ht));
-  const __m256 vkl = _mm256_set1_ps(kl), scale = _mm256_set1_ps(inv_t * g);
+  const double c = kl + lse_s - lse_t;
+  const float hs = float(lse_s), chi = float(c);
+  const __m256 vi = _mm256_set1_ps(inv_t), vls = _mm256_set1_ps(-hs), vlo_s = _mm256_set1_ps(float(lse_s - hs));
+  const __m256 vchi = _mm256_set1_ps(chi), vclo = _mm256_set1_ps(float(c - chi)), scale = _mm256_set1_ps(inv_t * g);
   for (int64_t i = 0; i < V; i += kLanes) {
     const bool full = i + kLanes <= V;
-    const __m256 s = full ? load8(xs + i) : load_tail(xs + i, V - i, -kInf);
-    const __m256 t = full ? load8(xt + i) : load_tail(xt + i, V - i, -kInf);
-    const __m256 log_ps = _mm256_sub_ps(scaled_minus(s, vi, vls), vlo_s);
-    const __m256 log_pt = _mm256_sub_ps(scaled_minus(t, vi, vlt), vlo_t);
-    const __m256 p = exp_neg(log_ps);
-    const __m256 term = where_nonzero(p, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_sub_ps(log_ps, log_pt), vkl)));
-    const __m256 grad = _mm256_mul_ps(scale, term);
+    const __m256 zs = _mm256_mul_ps(full ? load8(xs + i) : load_tail(xs + i, V - i, -kInf), vi);
+    const __m256 zt = _mm256_mul_ps(full ? load8(xt + i) : load_tail(xt + i, V - i, -kInf), vi);
+    const __m256 p = exp_neg(_mm256_sub_ps(_mm256_add_ps(zs, vls), vlo_s));
+    const __m256 diff = _mm256_sub_ps(zs, zt);  // TwoSum(zs, -zt): diff + err == zs - zt exactly
+    const __m256 bp = _mm256_sub_ps(diff, zs), ap = _mm256_sub_ps(diff, bp);
+    const __m256 err = _mm256_sub_ps(_mm256_sub_ps(zs, ap), _mm256_add_ps(zt, bp));
+    const __m256 u = _mm256_add_ps(_mm256_sub_ps(diff, vchi), _mm256_sub_ps(err, vclo));
+    const __m256 grad = _mm256_mul_ps(scale, where_nonzero(p, _mm256_mul_ps(p, u)));
     if (full) {
       store8(out + i, grad);
     } else {
@@ -101,10 +104,11 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   check_row_vector(grad_kl, N, at::kFloat, xs, "grad_kl");
   check_row_vector(lse_s, N, at::kDouble, xs, "lse_s");
   check_row_vector(lse_t, N, at::kDouble, xs, "lse_t");
-  check_row_vector(kl, N, at::kFloat, xs, "kl");
+  check_row_vector(kl, N, at::kDouble, xs, "kl");
   at::Tensor grad = at::empty({N, V}, xs.options());
-  const float *g = grad_kl.const_data_ptr<float>(), *k = kl.const_data_ptr<float>();
+  const float* g = grad_kl.const_data_ptr<float>();
   const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
+  const double* k = kl.const_data_ptr<double>();
   const float inv_t = float(inv_temperature);
   dispatch_float(xs.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -151,8 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_full_fwd(const at::Tensor& xs
         const int64_t col = owned_column(tok[r], 0, V, std::numeric_limits<int64_t>::min());
         const KlResult res = kl_row(bs + r * ss, bt + r * st, V, inv_t, col);
         lo[r] = res.logp;
-        ko[r] = res.kl;
-        ao[r] = float(adv[r] - coef * double(res.kl));
+        ko[r] = float(res.kl);
+        ao[r] = float(adv[r] - coef * res.kl);
       }
     });
   });

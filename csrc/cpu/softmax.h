@@ -1,11 +1,13 @@
 // One-pass (online) softmax statistics of a row, and of a student/teacher row pair, for the CPU row kernels.
 //
 // A row is processed in chunks of kChunk columns: a max sweep, then an exp sweep that re-reads the chunk from L1,
-// so the logits stream from memory once. Everything is relative to the running max m in natural units
-// (z = x * inv_t rounded to fp32 like PyTorch's x / T, d = z - m: exact near the max, and exactly 0 at it): s = sum e^d, b = sum e^d d (entropy = log s - b / s),
-// a = sum e^ds (ds - dt) (KL = a / s_s - log s_s + log s_t). These forms never subtract two numbers of size
-// |lse|, so confident rows and near-identical pairs keep their accuracy. Per-chunk sums are fp32 vectors; the
-// cross-chunk merge (rescaling by e^(m_old - m_new)) is in double. A NaN or +inf logit makes the row NaN.
+// so the logits stream from memory once. z = x * inv_t is rounded to fp32 first (like PyTorch's x / T), and
+// everything is relative to the running max m: d = z - m is exact near the max and exactly 0 at it.
+// s = sum e^d, b = sum e^d d (entropy = log s - b / s); for a pair, a = sum e^ds (ds - (zt - r)) with r the
+// teacher's z at the student's argmax (KL = a / s_s - log s_s + lse_t - r). These forms never subtract two
+// numbers of size |lse| in fp32, so confident rows and near-identical pairs keep their accuracy. Per-chunk sums
+// are fp32 vectors; the cross-chunk merge (rescaling by e^(m_old - m_new)) is in double. A NaN or +inf logit
+// makes the row NaN.
 #pragma once
 #include <cmath>
 
@@ -101,50 +103,70 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_t) {
 
 struct PairStats {
   float ms, mt;   // maxima of the student / teacher z
+  float r;        // the reference teacher value: zt at the student's argmax (0 while that is -inf / unknown)
   double ss, st;  // sums of e^(z - m); NaN when either row has a NaN / +inf logit
-  double a;       // sum e^(zs - ms) ((zs - ms) - (zt - mt))
+  double a;       // sum e^(zs - ms) ((zs - ms) - (zt - r))
 };
 
+// KL = a / ss - log ss + (lse_t - r). Measuring the teacher from its value at the student's argmax (not from its
+// own max) makes the dominant term of a confident student exactly 0: a stays small, so its fp32 rounding is
+// small too, and the backward's (zs - zt) - (KL + lse_s - lse_t) keeps its accuracy (a KL of 40 off by
+// ulp(40) would put ~4e-6 into the gradient of a column whose true gradient is ~0).
 template <typename T>
-inline void pair_sweep(const T* xs, const T* xt, int64_t n, float inv_t, float ms, float mt, PairStats& st) {
+inline void pair_sweep(const T* xs, const T* xt, int64_t n, float inv_t, float ms, float mt, float r,
+                       PairStats& st) {
   const __m256 vi = _mm256_set1_ps(inv_t), vms = _mm256_set1_ps(-ms), vmt = _mm256_set1_ps(-mt);
+  const __m256 vr = _mm256_set1_ps(-r);
   __m256 ss = _mm256_setzero_ps(), tt = ss, aa = ss;
   for (int64_t i = 0; i < n; i += kLanes) {
     const bool full = i + kLanes <= n;
-    const __m256 s = full ? load8(xs + i) : load_tail(xs + i, n - i, -kInf);
-    const __m256 t = full ? load8(xt + i) : load_tail(xt + i, n - i, -kInf);
-    const __m256 ds = scaled_minus(s, vi, vms), dt = scaled_minus(t, vi, vmt);
+    const __m256 zs = _mm256_mul_ps(full ? load8(xs + i) : load_tail(xs + i, n - i, -kInf), vi);
+    const __m256 zt = _mm256_mul_ps(full ? load8(xt + i) : load_tail(xt + i, n - i, -kInf), vi);
+    const __m256 ds = _mm256_add_ps(zs, vms);
     const __m256 es = exp_neg(ds);
     ss = _mm256_add_ps(ss, es);
-    tt = _mm256_add_ps(tt, exp_neg(dt));
-    aa = _mm256_add_ps(aa, where_nonzero(es, _mm256_mul_ps(es, _mm256_sub_ps(ds, dt))));
+    tt = _mm256_add_ps(tt, exp_neg(_mm256_add_ps(zt, vmt)));
+    aa = _mm256_add_ps(aa, where_nonzero(es, _mm256_mul_ps(es, _mm256_sub_ps(ds, _mm256_add_ps(zt, vr)))));
   }
   st.ss += hsum(ss);
   st.st += hsum(tt);
   st.a += hsum(aa);
 }
 
+// zt (z units) at the first column of the chunk holding the student's chunk max, or 0 when that is -inf.
+template <typename T>
+inline float teacher_at_student_max(const T* xs, const T* xt, int64_t n, float raw_s, float inv_t) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (static_cast<float>(xs[i]) == raw_s) {
+      const float zt = static_cast<float>(xt[i]) * inv_t;
+      return zt == -kInf ? 0.f : zt;
+    }
+  }
+  return 0.f;
+}
+
 template <typename T>
 inline PairStats pair_stats(const T* xs, const T* xt, int64_t V, float inv_t) {
-  PairStats st{-kInf, -kInf, 0, 0, 0};
+  PairStats st{-kInf, -kInf, 0.f, 0, 0, 0};
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const float raw_s = chunk_max(xs + c0, n), raw_t = chunk_max(xt + c0, n);
-    if (std::isnan(raw_s) || std::isnan(raw_t)) return {st.ms, st.mt, kNaN, kNaN, kNaN};
+    if (std::isnan(raw_s) || std::isnan(raw_t)) return {st.ms, st.mt, st.r, kNaN, kNaN, kNaN};
     const float cs = raw_s * inv_t, ct = raw_t * inv_t;
-    if (ct > st.mt) {  // a holds -(zt - mt_ref) terms: moving mt_ref up adds ss * (new - old)
-      if (st.ss > 0) st.a += st.ss * (double(ct) - safe_max(st.mt));
+    if (ct > st.mt) {
       st.st *= rescale(st.st, st.mt, ct);
       st.mt = ct;
     }
-    if (cs > st.ms) {
-      const double r = rescale(st.ss, st.ms, cs), delta = double(st.ms) - cs;
-      st.a = st.ss > 0 ? r * (st.a + st.ss * delta) : 0;
-      st.ss *= r;
+    if (cs > st.ms) {  // a new student max: rescale to it, and move the teacher reference to its column
+      const float r = teacher_at_student_max(xs + c0, xt + c0, n, raw_s, inv_t);
+      const double scale = rescale(st.ss, st.ms, cs), delta = double(st.ms) - cs;
+      st.a = st.ss > 0 ? scale * (st.a + st.ss * delta) + scale * st.ss * (double(r) - st.r) : 0;
+      st.ss *= scale;
       st.ms = cs;
+      st.r = r;
     }
     if (st.ms == -kInf && st.mt == -kInf) continue;
-    pair_sweep(xs + c0, xt + c0, n, inv_t, safe_max(st.ms), safe_max(st.mt), st);
+    pair_sweep(xs + c0, xt + c0, n, inv_t, safe_max(st.ms), safe_max(st.mt), st.r, st);
   }
   return st;
 }

@@ -57,7 +57,8 @@ def combine_logprob(logp_r, entropy_r, lse_r, own, valid, group, with_entropy: b
 
 
 def combine_kl(kl_r, lse_s_r, lse_t_r, logp_r, own, valid, group):
-    """Global (kl, lse_s, lse_t, logp_s) [N]; logp_s only when ``own`` is given (0 on invalid rows)."""
+    """Global (kl float64, lse_s, lse_t float64, logp_s fp32) [N]; logp_s only when ``own`` is given (0 on
+    invalid rows)."""
     top, share = _max_then_shares(torch.stack([lse_s_r, lse_t_r]), group)  # (2, N)
     rel_s, rel_t = lse_s_r - top[0], lse_t_r - top[1]
     parts = [share[0], share[1], share[0] * (kl_r + rel_s - rel_t)]
@@ -66,6 +67,6 @@ def combine_kl(kl_r, lse_s_r, lse_t_r, logp_r, own, valid, group):
     sums = torch.stack(parts)
     dist.all_reduce(sums, group=group)
     log_s, log_t = torch.log(sums[0]), torch.log(sums[1])
-    kl = (sums[2] / sums[0] - log_s + log_t).float()
+    kl = sums[2] / sums[0] - log_s + log_t  # float64, like the lse (what the backward needs)
     logp = logp_r if own is None else torch.where(valid, sums[3] - log_s, torch.zeros_like(log_s)).float()
     return kl, top[0] + log_s, top[1] + log_t, logp

@@ -112,6 +112,7 @@ def _sharded(student_logits, tokens, advantages, teacher_logprobs, teacher_logit
     if kl == "full":
         term, _, _, logp = sharded_kl(student_logits, teacher_logits, masked, temperature,
                                       _epilogue.MASKED_TOKEN, group)
+        term = term.float()
     else:
         logp, _, _ = sharded_logprobs(student_logits, masked, temperature, _epilogue.MASKED_TOKEN, False, group)
         term = _epilogue.kl_from_diff(logp - teacher_logprobs, _epilogue.KL_CODES[kl])

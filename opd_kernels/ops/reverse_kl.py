@@ -43,8 +43,11 @@ def pair_plans(student: torch.Tensor, teacher: torch.Tensor):
 @torch.library.custom_op("opd_kernels::kl_fwd", mutates_args=())
 def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None, temperature: float,
            vocab_start: int, vocab_total: int, ignore_index: int
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kl fp32, lse_s float64, lse_t float64, logp_s fp32 or [0]) [...] of this shard, one pass over both rows."""
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kl fp32, lse_s, lse_t, logp_s fp32 or [0], kl float64) [...] of this shard, one pass over both rows.
+
+    The float64 copy of kl (like the lse) is what the backward uses: it forms (zs - zt) - (kl + lse_s - lse_t),
+    a small difference of numbers of size |lse| where the student is confident and the teacher is not."""
     if tokens is not None:
         _checks.token_values(tokens, vocab_total, ignore_index)
     ps, pt = pair_plans(student, teacher)
@@ -55,21 +58,22 @@ def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | 
     kl, lse_s, lse_t, logp = kern.kl_fwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), rows_tokens,
                                          1.0 / temperature, vocab_start, ignore_index)
     logp = logp if tokens is None else _rows.from_rows(logp, ps)
-    return (_rows.from_rows(kl, ps), _rows.from_rows(lse_s.double(), ps), _rows.from_rows(lse_t.double(), ps),
-            logp)
+    kl = _rows.from_rows(kl.double(), ps)
+    return kl.float(), _rows.from_rows(lse_s.double(), ps), _rows.from_rows(lse_t.double(), ps), logp, kl
 
 
 @kl_fwd.register_fake
 def _kl_fwd_fake(student, teacher, tokens, temperature, vocab_start, vocab_total, ignore_index):
     out = student.new_empty(student.shape[:-1], dtype=torch.float32)
     logp = torch.empty_like(out) if tokens is not None else student.new_empty(0, dtype=torch.float32)
-    return out, torch.empty_like(out, dtype=torch.float64), torch.empty_like(out, dtype=torch.float64), logp
+    f64 = torch.empty_like(out, dtype=torch.float64)
+    return out, f64, torch.empty_like(f64), logp, torch.empty_like(f64)
 
 
 @torch.library.custom_op("opd_kernels::kl_bwd", mutates_args=())
 def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, lse_s: torch.Tensor,
            lse_t: torch.Tensor, kl: torch.Tensor, temperature: float) -> torch.Tensor:
-    """d/dstudent of sum(grad_kl * KL), from the GLOBAL lse_s, lse_t, KL."""
+    """d/dstudent of sum(grad_kl * KL), from the GLOBAL lse_s, lse_t, KL (all float64)."""
     ps, pt = pair_plans(student, teacher)
     if ps.rows == 0:
         return _rows.empty_grad(student, ps)
@@ -77,7 +81,7 @@ def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, 
     f64 = lambda t: _rows.to_rows(t.double(), ps, 0.0)  # noqa: E731
     kern = _backend.kernels(student.device.type)
     grad = kern.kl_bwd(_rows.rows_view(student, ps), _rows.rows_view(teacher, pt), f32(grad_kl), f64(lse_s),
-                       f64(lse_t), f32(kl), 1.0 / temperature)
+                       f64(lse_t), f64(kl), 1.0 / temperature)
     return _rows.grad_from_rows(grad, ps)
 
 
@@ -88,13 +92,13 @@ def _kl_bwd_fake(student, teacher, grad_kl, lse_s, lse_t, kl, temperature):
 
 def _setup_context(ctx, inputs, output):
     student, teacher, _, temperature, _, _, _ = inputs
-    kl, lse_s, lse_t, logp = output
+    _, lse_s, lse_t, logp, kl = output
     ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
     ctx.temperature = temperature
-    ctx.mark_non_differentiable(lse_s, lse_t, logp)
+    ctx.mark_non_differentiable(lse_s, lse_t, logp, kl)
 
 
-def _backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t, _grad_logp):
+def _backward(ctx, grad_kl, _grad_lse_s, _grad_lse_t, _grad_logp, _grad_kl64):
     student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
     return kl_bwd(student, teacher, grad_kl, lse_s, lse_t, kl, ctx.temperature), None, None, None, None, None, None
 
@@ -106,10 +110,10 @@ kl_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Tensor parallel
 # ----------------------------------------------------------------------------------------------------------
 def sharded_kl(student, teacher, tokens, temperature, ignore_index, group):
-    """Global (kl, lse_s, lse_t, logp_s) from this rank's vocabulary shards (no autograd)."""
+    """Global (kl, lse_s, lse_t, logp_s) from this rank's vocabulary shards (no autograd); kl is float64."""
     vocab_start, vocab_total = _tp.shard_range(student, group)
-    kl_r, lse_s_r, lse_t_r, logp_r = kl_fwd(student, teacher, tokens, temperature, vocab_start, vocab_total,
-                                            ignore_index)
+    _, lse_s_r, lse_t_r, logp_r, kl_r = kl_fwd(student, teacher, tokens, temperature, vocab_start, vocab_total,
+                                               ignore_index)
     own = valid = None
     if tokens is not None:
         valid = tokens != ignore_index
@@ -123,7 +127,7 @@ class _ShardedReverseKL(torch.autograd.Function):
         kl, lse_s, lse_t, _ = sharded_kl(student, teacher, None, temperature, -100, group)
         ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
         ctx.temperature = temperature
-        return kl
+        return kl.float()
 
     @staticmethod
     def backward(ctx, grad_kl):

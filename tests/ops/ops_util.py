@@ -57,11 +57,14 @@ def max_err(got: torch.Tensor, oracle: torch.Tensor) -> float:
     return float((got[finite] - oracle[finite]).abs().max())
 
 
-def assert_within_rule(got, oracle, torch32, what: str) -> None:
-    """The tolerance rule of this file's docstring."""
+def assert_within_rule(got, oracle, torch32, what: str, backend=None) -> None:
+    """The tolerance rule of this file's docstring. A bf16 result of a backend that truncates to bf16 (Triton's
+    interpreter) may be one bf16 ulp (2^-7 relative) off, where a rounding store is half an ulp off."""
     err, ref_err = max_err(got, oracle), max_err(torch32, oracle)
     finite = oracle.double()[torch.isfinite(oracle.double())]
     floor = EPS32 * max(1.0, float(finite.abs().max())) if finite.numel() else 0.0
+    if backend is not None and backend.truncates_bf16 and got.dtype == torch.bfloat16 and finite.numel():
+        floor += 2.0**-7 * float(finite.abs().max())
     assert err <= 2 * ref_err + floor, (f"{what}: error {err:.3e} > 2 x PyTorch fp32 error {ref_err:.3e} "
                                         f"+ floor {floor:.1e}")
 

@@ -12,21 +12,25 @@ from ops_util import (DTYPES, VOCABS, assert_within_rule, grad_of, identity, log
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy NaN warnings in Triton's interpreter
 
 
-def _check_against_oracle(base, tokens, temperature, gen, what, view=identity):
-    """Forward (logp, entropy) of view(base) and the gradient (w.r.t. base, through the view) of a non-uniform
-    combination of both, against the oracle."""
+def _forward_vs_oracle(backend, base, tokens, temperature, what, view=identity):
+    logp, entropy = ok.token_logprobs(view(base), tokens, temperature=temperature, return_entropy=True)
+    oracle = reference(view(base.double()), tokens, temperature=temperature, return_entropy=True)
+    torch32 = reference(view(base.float()), tokens, temperature=temperature, return_entropy=True)
+    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == tokens.shape
+    assert_within_rule(logp, oracle[0], torch32[0], f"{what} logp", backend)
+    assert_within_rule(entropy, oracle[1], torch32[1], f"{what} entropy", backend)
+
+
+def _gradient_vs_oracle(backend, base, tokens, temperature, gen, what, view=identity):
+    """Gradient w.r.t. base (through the view, so the layout reaches the op) of a non-uniform combination of
+    logp and entropy."""
     run = lambda v: ok.token_logprobs(v, tokens, temperature=temperature, return_entropy=True)  # noqa: E731
     ref = lambda v: reference(v, tokens, temperature=temperature, return_entropy=True)  # noqa: E731
-    logp, entropy = run(view(base))
-    oracle, torch32 = ref(view(base.double())), ref(view(base.float()))
-    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == tokens.shape
-    assert_within_rule(logp, oracle[0], torch32[0], f"{what} logp")
-    assert_within_rule(entropy, oracle[1], torch32[1], f"{what} entropy")
     ups = tuple(torch.randn(tokens.shape, generator=gen).to(base.device) for _ in range(2))
     grad = grad_of(run, base, ups, view=view)
     assert grad.dtype == base.dtype and grad.shape == base.shape
     assert_within_rule(grad, grad_of(ref, base.double(), ups, view=view),
-                       grad_of(ref, base, ups, torch.float32, view=view), f"{what} grad")
+                       grad_of(ref, base, ups, torch.float32, view=view), f"{what} grad", backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -35,9 +39,14 @@ def test_matches_float64_oracle(backend, vocab, dtype, gen):
     if backend.slow and vocab in (128256, 50257) and dtype != torch.float32:
         pytest.skip("Triton interpreter: 151936 and 32000 cover large vocabularies in every dtype")
     n = rows_for(vocab, backend.slow)
+    cases = []
     for kind, temperature in (("random", 1.0), ("peaked", 0.7), ("wide", 1.6)):
         x = logits((n, vocab), dtype, gen, kind, backend.device)
-        _check_against_oracle(x, tokens_for(x, gen), temperature, gen, f"{kind} T={temperature}")
+        cases.append((x, tokens_for(x, gen), temperature, f"{kind} T={temperature}"))
+        _forward_vs_oracle(backend, *cases[-1])
+    backend.require_float64_lse()
+    for x, tokens, temperature, what in cases:
+        _gradient_vs_oracle(backend, x, tokens, temperature, gen, what)
 
 
 VIEWS = {  # non-contiguous layouts of a [B, S, V] tensor
@@ -54,7 +63,10 @@ VIEWS = {  # non-contiguous layouts of a [B, S, V] tensor
 def test_non_contiguous_inputs(backend, layout, gen):
     base = logits((3, 7, 1031), torch.bfloat16, gen, "random", backend.device)
     view = VIEWS[layout]
-    _check_against_oracle(base, tokens_for(view(base), gen), 0.9, gen, layout, view)
+    tokens = tokens_for(view(base), gen)
+    _forward_vs_oracle(backend, base, tokens, 0.9, layout, view)
+    backend.require_float64_lse()
+    _gradient_vs_oracle(backend, base, tokens, 0.9, gen, layout, view)
 
 
 def test_ignore_index_rows_give_zero_and_zero_gradient(backend, gen):
