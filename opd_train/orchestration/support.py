@@ -56,9 +56,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 def as_teacher_failure(exc: BaseException, cfg: Config) -> BaseException:
     """A :class:`TeacherUnavailable` when ``exc`` is the teacher client giving up on ``--rm-url``, else ``exc``."""
     from ..rollout.engines import RequestFailed
+    from ..rollout.manager import EndpointFailed
     cause = _root_cause(exc)
     url = cfg.reward.rm_url
-    if url and isinstance(cause, RequestFailed) and cause.url.startswith(url.rstrip("/").removesuffix("/generate")):
+    if url and isinstance(cause, (RequestFailed, EndpointFailed)) and cause.url.startswith(url.rstrip("/").removesuffix("/generate")):
         return TeacherUnavailable(f"the teacher at {cause.url} did not answer after {cause.attempts} attempts "
                                   f"({cause}); the run stopped", url=cause.url)
     return exc

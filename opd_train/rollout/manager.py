@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..config import OPD_POST_PROCESS, OPD_REWARD_FUNC, RewardConfig, RolloutConfig
 from .data import Prompt
-from .engines import SamplingParams
+from .engines import RequestFailed, SamplingParams
 from .rewards import call_reward, dotted_name, get_reward_function, load_function
 from .sample import Sample, Status
 
@@ -43,6 +43,17 @@ def plan_rewards(reward: RewardConfig, *, use_opd: bool, opd_type: str | None, o
                           metric=metric, opd_task=opd_task_rm_path or builtin)
     return RewardPlan(reward=reward.custom_rm_path or builtin, post_process=reward.custom_reward_post_process_path,
                       metric=metric)
+
+
+class EndpointFailed(RuntimeError):
+    """An HTTP endpoint (engine or teacher) gave up after its retries: ``(message, url, attempts)``."""
+
+    def __init__(self, message: str, url: str, attempts: int):
+        super().__init__(message, url, attempts)
+        self.url, self.attempts = url, attempts
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _status(finish_reason: str) -> Status:
@@ -144,6 +155,14 @@ class RolloutManager:
         params = self._params(max_new_tokens=self.cfg.rollout_max_response_len,
                               temperature=self.cfg.rollout_temperature, seed=base_seed)
         reward, metric = self._fn(self.plan.reward), self._fn(self.plan.metric)
+        try:
+            return await self._generate(prompts, step, params, reward, metric, start)
+        except RequestFailed as exc:
+            # Re-raised as a plain picklable error so that the driver receives it through Ray intact.
+            raise EndpointFailed(str(exc), exc.url, exc.attempts) from None
+
+    async def _generate(self, prompts, step, params, reward, metric, start):
+        n = self.cfg.n_samples_per_prompt
         # One seed per group (the engine derives one per sample from it): reproducible whatever the batching,
         # and different groups never share a random stream.
         groups = await asyncio.gather(*(
