@@ -63,6 +63,10 @@ def _compiled_available(dispatch_key: str) -> bool:
     if dispatch_key == "CUDA" and (torch.version.cuda is None or not torch.cuda.is_available()):
         _unavailable[name] = "torch has no CUDA device here"
         return False
+    if dispatch_key == "CPU" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        _unavailable[name] = f"the C++ CPU kernels need AVX2; this CPU reports " \
+                             f"{torch.backends.cpu.get_cpu_capability()}"
+        return False
     missing = [op for op in CORE_KERNELS if not _has_kernel(op, dispatch_key)]
     if missing:
         _unavailable[name] = f"opd_kernels._C has no {dispatch_key} kernels for {missing} (rebuild it with " \
