@@ -90,7 +90,7 @@ Triple logprob_fwd(const at::Tensor& x, const at::Tensor& tokens, double inv_tem
   if (n == 0) return {logp, ent, lse};
   const auto plan = opd_cuda::plan_forward(n, v, static_cast<int>(x.element_size()), opd_cuda::kLogprobStateFloats,
                                            x.get_device());
-  const at::Tensor ws = plan.workspace_floats > 0 ? at::empty({plan.workspace_floats}, f32) : at::Tensor();
+  const at::Tensor ws = plan.workspace_elems > 0 ? at::empty({plan.workspace_elems}, f32) : at::Tensor();
   C10_CUDA_CHECK(opd_cuda::logprob_fwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), inv_t, vocab_start, ignore_index,
                                        logp.data_ptr<float>(), with_entropy ? ent.data_ptr<float>() : nullptr,
                                        lse.data_ptr<double>(), plan, ptr_or_null<float>(ws), stream()));
@@ -130,17 +130,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
   const c10::cuda::CUDAGuard guard(xs.device());
   const at::Tensor tok = tokens.has_value() ? per_row(*tokens, n, at::kLong, xs, "tokens") : at::Tensor();
   const auto f32 = xs.options().dtype(at::kFloat);
-  at::Tensor kl = at::empty({n}, f32);
-  at::Tensor lse_s = at::empty({n}, xs.options().dtype(at::kDouble)), lse_t = at::empty_like(lse_s);
+  const auto f64 = xs.options().dtype(at::kDouble);  // kl, lse_s, lse_t feed kl_bwd: float64 (ops/README.md)
+  at::Tensor kl = at::empty({n}, f64), lse_s = at::empty({n}, f64), lse_t = at::empty({n}, f64);
   at::Tensor logp = at::empty({tok.defined() ? n : 0}, f32);
   if (n == 0) return {kl, lse_s, lse_t, logp};
   const int elem = static_cast<int>(std::max(xs.element_size(), xt.element_size()));
   const auto plan = opd_cuda::plan_forward(n, v, elem, opd_cuda::kKlStateFloats, xs.get_device());
-  const at::Tensor ws = plan.workspace_floats > 0 ? at::empty({plan.workspace_floats}, f32) : at::Tensor();
+  const at::Tensor ws = plan.workspace_elems > 0 ? at::empty({plan.workspace_elems}, f64) : at::Tensor();
   C10_CUDA_CHECK(opd_cuda::kl_fwd(rows_of(xs), rows_of(xt), n, v, ptr_or_null<int64_t>(tok), inv_t, vocab_start,
-                                  ignore_index, kl.data_ptr<float>(), lse_s.data_ptr<double>(),
+                                  ignore_index, kl.data_ptr<double>(), lse_s.data_ptr<double>(),
                                   lse_t.data_ptr<double>(), tok.defined() ? logp.data_ptr<float>() : nullptr, plan,
-                                  ptr_or_null<float>(ws), stream()));
+                                  ptr_or_null<double>(ws), stream()));
   return {kl, lse_s, lse_t, logp};
 }
 
@@ -154,11 +154,11 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   const at::Tensor g = per_row(grad_kl, n, at::kFloat, xs, "grad_kl");
   const at::Tensor ls = per_row(lse_s, n, at::kDouble, xs, "lse_s");
   const at::Tensor lt = per_row(lse_t, n, at::kDouble, xs, "lse_t");
-  const at::Tensor k = per_row(kl, n, at::kFloat, xs, "kl");
+  const at::Tensor k = per_row(kl, n, at::kDouble, xs, "kl");
   at::Tensor grad = at::empty({n, v}, xs.options());
   if (grad.numel() == 0) return grad;
   C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<double>(),
-                                  lt.data_ptr<double>(), k.data_ptr<float>(), inv_t, grad.data_ptr(), stream()));
+                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, grad.data_ptr(), stream()));
   return grad;
 }
 

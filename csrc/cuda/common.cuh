@@ -157,12 +157,16 @@ __device__ __forceinline__ void walk_row(const Span& sp, Visitor& vis) {
 // ---------------------------------------------------------------------------------------------------------
 __device__ __forceinline__ float log_mass(float c, float r) { return c > 0.f ? logf(c) + log1pf(r / c) : logf(r); }
 
-// The value a logit must equal to count at the max: the max itself, or NaN (equal to nothing) while empty.
-__device__ __forceinline__ float top_value(float m) { return m == -INFINITY ? NAN : m; }
+// The value a logit must equal to count at the max: the max itself, or NaN (equal to nothing) while the state
+// is empty (m = -inf) or its max is +inf (an inf logit then lands in the rest as exp(inf - inf) = NaN, so the
+// row is NaN as the contract says).
+__device__ __forceinline__ float top_value(float m) { return isinf(m) ? NAN : m; }
 
 // One row over z = x * inv_t; ENT adds the entropy accumulator b = sum exp(z - m) (z - m).
 template <bool ENT>
 struct LseState {
+  using Storage = float;
+  static constexpr int kSize = kLogprobStateFloats;
   float m = -INFINITY, c = 0.f, r = 0.f, b = 0.f;
 
   template <int N>
@@ -221,10 +225,27 @@ struct LseState {
   __device__ __forceinline__ float log_d() const { return log_mass(c, r); }
 };
 
-// Two rows (student s, teacher t) and the KL accumulator a = sum exp(zs - ms) ((zs - zt) - (ms - mt)),
-// relative to the current references (ms, mt).
+// a - b as an exact fp32 pair hi + lo (Knuth's TwoSum of a and -b); lo = 0 when hi is infinite (a -inf teacher
+// logit under student mass: the KL is +inf, not NaN).
+struct TwoDiff {
+  float hi, lo;
+};
+__device__ __forceinline__ TwoDiff two_diff(float a, float b) {
+  const float hi = a - b, bb = hi - a;
+  const float lo = (a - (hi - bb)) + (-b - bb);
+  return TwoDiff{hi, isinf(hi) ? 0.f : lo};
+}
+
+// Two rows (student s, teacher t) and the KL accumulator a = sum exp(zs - ms) ((zs - zt) - (ms - mt)) relative
+// to the current references (ms, mt), in double: where the student is confident and the teacher is not, KL ~ |z|
+// and the backward's (zs - zt) - (KL + lse_s - lse_t) is a small difference of two such numbers, so a (and the
+// KL the forward returns) must not carry an fp32 rounding of |z|. The columns at the student's max (weight
+// exactly 1) add their term exactly (TwoSum); the others add an fp32 per-pack sum, once per pack in double.
 struct KlState {
-  float ms = -INFINITY, cs = 0.f, rs = 0.f, mt = -INFINITY, ct = 0.f, rt = 0.f, a = 0.f;
+  using Storage = double;
+  static constexpr int kSize = kKlStateFloats;
+  float ms = -INFINITY, cs = 0.f, rs = 0.f, mt = -INFINITY, ct = 0.f, rt = 0.f;
+  double a = 0.0;
 
   template <int N>
   __device__ __forceinline__ void add(const float (&xs)[N], const float (&xt)[N], float inv_t) {
@@ -236,19 +257,26 @@ struct KlState {
       mxs = fmaxf(mxs, ys[i]), mxt = fmaxf(mxt, yt[i]);
     }
     if (mxs > ms || mxt > mt) move_to(fmaxf(ms, mxs), fmaxf(mt, mxt));
-    const float ref_s = safe_ref(ms), ref_t = safe_ref(mt), shift = ref_s - ref_t;
+    const float ref_s = safe_ref(ms), ref_t = safe_ref(mt), ref_diff = ref_s - ref_t;
     const float top_s = top_value(ms), top_t = top_value(mt);
+    float rest = 0.f, top_hi = 0.f, top_lo = 0.f, tops = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const float es = fast_exp(ys[i] - ref_s), et = fast_exp(yt[i] - ref_t);
       const bool s_max = ys[i] == top_s, t_max = yt[i] == top_t;
-      cs += s_max ? 1.f : 0.f;
+      const TwoDiff d = two_diff(ys[i], yt[i]);
+      tops += s_max ? 1.f : 0.f;
       rs += s_max ? 0.f : es;
       ct += t_max ? 1.f : 0.f;
       rt += t_max ? 0.f : et;
-      // (zs - zt) first: exact for near-identical rows; the same rounded z as es / et keep the final formula
-      // an identity of the computed values
-      a += es == 0.f ? 0.f : es * ((ys[i] - yt[i]) - shift);
+      top_hi += s_max ? d.hi : 0.f;
+      top_lo += s_max ? d.lo : 0.f;
+      rest += s_max || es == 0.f ? 0.f : es * (d.hi - ref_diff);
+    }
+    cs += tops;
+    a += static_cast<double>(rest);
+    if (tops > 0.f) {
+      a += (static_cast<double>(top_hi) + top_lo) - tops * (static_cast<double>(ref_s) - ref_t);
     }
   }
 
@@ -256,8 +284,9 @@ struct KlState {
     const float ss = ms == -INFINITY ? 0.f : fast_exp(ms - ms_new);
     const float st = mt == -INFINITY ? 0.f : fast_exp(mt - mt_new);
     // a's terms are relative to (ms, mt): moving the references shifts every term by the same amount
-    const float shift = (safe_ref(ms) - safe_ref(ms_new)) - (safe_ref(mt) - safe_ref(mt_new));
-    if (ms != -INFINITY) a = ss * (a + shift * (cs + rs));  // an empty student state has a == 0
+    const double shift = (static_cast<double>(safe_ref(ms)) - safe_ref(ms_new)) -
+                         (static_cast<double>(safe_ref(mt)) - safe_ref(mt_new));
+    if (ms != -INFINITY) a = static_cast<double>(ss) * (a + shift * static_cast<double>(cs + rs));
     if (ms_new > ms) {
       if (ms != -INFINITY) rs = ss * (cs + rs);
       cs = 0.f;
@@ -288,19 +317,21 @@ struct KlState {
     merge(o);
   }
 
-  __device__ __forceinline__ void store(float* p) const {
+  __device__ __forceinline__ void store(double* p) const {
     p[0] = ms, p[1] = cs, p[2] = rs, p[3] = mt, p[4] = ct, p[5] = rt, p[6] = a;
   }
-  __device__ __forceinline__ void merge_from(const float* p) {
+  __device__ __forceinline__ void merge_from(const double* p) {
     KlState o;
-    o.ms = p[0], o.cs = p[1], o.rs = p[2], o.mt = p[3], o.ct = p[4], o.rt = p[5], o.a = p[6];
+    o.ms = static_cast<float>(p[0]), o.cs = static_cast<float>(p[1]), o.rs = static_cast<float>(p[2]);
+    o.mt = static_cast<float>(p[3]), o.ct = static_cast<float>(p[4]), o.rt = static_cast<float>(p[5]);
+    o.a = p[6];
     merge(o);
   }
-  // KL = a / ds + log(dt / ds), the log as log1p((dt - ds) / ds), dt - ds = (ct - cs) + (rt - rs): exact for
-  // identical rows, precise for near-identical ones.
-  __device__ __forceinline__ float kl() const {
-    const float ds = cs + rs;
-    return a / ds + log1pf(((ct - cs) + (rt - rs)) / ds);
+  // KL = a / ds + log(dt / ds) in double, the log as log1p((dt - ds) / ds), dt - ds = (ct - cs) + (rt - rs):
+  // exact for identical rows, precise for near-identical ones.
+  __device__ __forceinline__ double kl() const {
+    const double ds = static_cast<double>(cs) + rs;
+    return a / ds + log1p((static_cast<double>(ct - cs) + (static_cast<double>(rt) - rs)) / ds);
   }
 };
 
@@ -326,9 +357,9 @@ __device__ __forceinline__ void warp_reduce(State& st) {
 }
 
 // The block's merged state in thread 0 (other threads: unspecified). Blocks have exactly kThreads threads.
-template <class State, int FLOATS>
+template <class State>
 __device__ __forceinline__ void block_reduce(State& st) {
-  __shared__ float smem[kWarps][FLOATS];
+  __shared__ typename State::Storage smem[kWarps][State::kSize];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   warp_reduce(st);
   if (lane == 0) st.store(smem[warp]);

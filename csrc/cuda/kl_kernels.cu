@@ -47,7 +47,7 @@ struct KlVisitor {
 template <typename TS>
 __device__ __forceinline__ void finish_row(const TS* srow, int64_t row, int64_t v, const KlState& st,
                                            const int64_t* tokens, float inv_t, int64_t vocab_start,
-                                           int64_t ignore_index, float* kl, double* lse_s, double* lse_t,
+                                           int64_t ignore_index, double* kl, double* lse_s, double* lse_t,
                                            float* logp_s) {
   kl[row] = st.kl();
   const float log_ds = log_mass(st.cs, st.rs);
@@ -63,8 +63,8 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     kl_fwd_kernel(const TS* __restrict__ s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
                   const int64_t* __restrict__ tokens, float inv_t, int64_t vocab_start, int64_t ignore_index,
-                  float* __restrict__ kl, double* __restrict__ lse_s, double* __restrict__ lse_t,
-                  float* __restrict__ logp_s, float* __restrict__ workspace) {
+                  double* __restrict__ kl, double* __restrict__ lse_s, double* __restrict__ lse_t,
+                  float* __restrict__ logp_s, double* __restrict__ workspace) {
   using Vis = KlVisitor<TS, TT>;
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
   Vis vis{sr, tr, inv_t};
   const int64_t mis = misalignment<Vis::VEC>(sr);
   walk_row(make_span<Vis::VEC>(v, mis, mis == misalignment<Vis::VEC>(tr), split, splits), vis);
-  block_reduce<KlState, kKlStateFloats>(vis.st);
+  block_reduce(vis.st);
   if (threadIdx.x != 0) return;
   if (splits > 1) {
     vis.st.store(workspace + (row * splits + split) * kKlStateFloats);
@@ -85,9 +85,9 @@ __global__ void __launch_bounds__(kThreads)
 template <typename TS>
 __global__ void __launch_bounds__(32)
     kl_combine_kernel(const TS* __restrict__ s, int64_t s_stride, int64_t v, const int64_t* __restrict__ tokens,
-                      float inv_t, int64_t vocab_start, int64_t ignore_index, float* __restrict__ kl,
+                      float inv_t, int64_t vocab_start, int64_t ignore_index, double* __restrict__ kl,
                       double* __restrict__ lse_s, double* __restrict__ lse_t, float* __restrict__ logp_s,
-                      const float* __restrict__ workspace, int splits) {
+                      const double* __restrict__ workspace, int splits) {
   const int64_t row = blockIdx.x;
   KlState st;
   for (int i = threadIdx.x; i < splits; i += 32) st.merge_from(workspace + (row * splits + i) * kKlStateFloats);
@@ -97,23 +97,24 @@ __global__ void __launch_bounds__(32)
   }
 }
 
-// grad_s = inv_t * g * p_s * (log p_s - log p_t - kl), with log p_s - log p_t = (zs - zt) - (lse_s - lse_t)
-// (the lse difference taken in double) and log p_s = (zs - lse_hi) - lse_lo.
+// grad_s = inv_t * g * p_s * (log p_s - log p_t - kl) = inv_t * g * p_s * ((zs - zt) - C), C = kl + lse_s - lse_t
+// formed in double and split hi + lo, zs - zt exact (TwoSum), log p_s = (zs - lse_hi) - lse_lo.
 template <typename TS, typename TT>
 struct KlGradVisitor {
   static constexpr int VEC = kl_vec<TS, TT>(), U = 2;
   const TS* srow;
   const TT* trow;
   TS* out;
-  float inv_t, lse_hi, lse_lo, dlse, kl, g_inv_t;
+  float inv_t, lse_hi, lse_lo, c_hi, c_lo, g_inv_t;
   bool active;  // g != 0: rows with a zero upstream gradient get exact zeros (even with NaN logits)
   float bs[U][VEC], bt[U][VEC];
 
   __device__ __forceinline__ float grad_at(float xs, float xt) const {
     const float zs = xs * inv_t, zt = xt * inv_t;
     const float p = fast_exp((zs - lse_hi) - lse_lo);
-    // (zs - zt) first: exact for near-identical rows; p == 0 (-inf logit) contributes 0, NaN stays NaN
-    return p == 0.f ? 0.f : p * ((zs - zt) - dlse - kl) * g_inv_t;
+    const TwoDiff d = two_diff(zs, zt);
+    // p == 0 (-inf logit) contributes 0, NaN stays NaN
+    return p == 0.f ? 0.f : p * ((d.hi - c_hi) + (d.lo - c_lo)) * g_inv_t;
   }
   __device__ __forceinline__ void load(int u, int64_t c) {
     if (!active) return;
@@ -135,7 +136,7 @@ template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
     kl_bwd_kernel(const TS* __restrict__ s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
                   const float* __restrict__ grad_kl, const double* __restrict__ lse_s,
-                  const double* __restrict__ lse_t, const float* __restrict__ kl, float inv_t,
+                  const double* __restrict__ lse_t, const double* __restrict__ kl, float inv_t,
                   TS* __restrict__ grad) {
   using Vis = KlGradVisitor<TS, TT>;
   const int64_t row = blockIdx.x;
@@ -144,8 +145,8 @@ __global__ void __launch_bounds__(kThreads)
   TS* gr = grad + row * v;
   const float g = grad_kl[row];
   const SplitLse l = split_lse(lse_s[row]);
-  const float dlse = static_cast<float>(lse_s[row] - lse_t[row]);
-  Vis vis{sr, tr, gr, inv_t, l.hi, l.lo, dlse, kl[row], g * inv_t, g != 0.f};
+  const SplitLse c = split_lse(kl[row] + (lse_s[row] - lse_t[row]));
+  Vis vis{sr, tr, gr, inv_t, l.hi, l.lo, c.hi, c.lo, g * inv_t, g != 0.f};
   const int64_t mis = misalignment<Vis::VEC>(sr);
   const bool vec_ok = mis == misalignment<Vis::VEC>(tr) && mis == misalignment<Vis::VEC>(gr);
   walk_row(make_span<Vis::VEC>(v, mis, vec_ok, blockIdx.y, gridDim.y), vis);
@@ -166,18 +167,18 @@ __global__ void __launch_bounds__(kThreads)
   Vis vis{sr, tr, inv_t};
   const int64_t mis = misalignment<Vis::VEC>(sr);
   walk_row(make_span<Vis::VEC>(keep ? v : 0, mis, mis == misalignment<Vis::VEC>(tr), 0, 1), vis);
-  block_reduce<KlState, kKlStateFloats>(vis.st);
+  block_reduce(vis.st);
   if (threadIdx.x != 0) return;
   if (!keep) {  // masked out: not read, advantage kept
     adv_out[row] = advantages[row], kl_out[row] = 0.f, logp_out[row] = 0.f;
     return;
   }
   const KlState& st = vis.st;
-  const float kl = st.kl();
+  const double kl = st.kl();
   const int64_t tok = tokens[row];
   logp_out[row] = tok >= 0 && tok < v ? (to_f32(sr[tok]) * inv_t - st.ms) - log_mass(st.cs, st.rs) : 0.f;
-  kl_out[row] = kl;
-  adv_out[row] = static_cast<float>(advantages[row] - coef * static_cast<double>(kl));
+  kl_out[row] = static_cast<float>(kl);
+  adv_out[row] = static_cast<float>(advantages[row] - coef * kl);
 }
 
 // f(TS{}, TT{}) for the two element types.
@@ -189,8 +190,8 @@ cudaError_t with_dtypes(DType ds, DType dt, F&& f) {
 }  // namespace
 
 cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,
-                   int64_t ignore_index, float* kl, double* lse_s, double* lse_t, float* logp_s,
-                   const SplitPlan& plan, float* workspace, cudaStream_t stream) {
+                   int64_t ignore_index, double* kl, double* lse_s, double* lse_t, float* logp_s,
+                   const SplitPlan& plan, double* workspace, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(n), plan.splits);
   return with_dtypes(s.dtype, t.dtype, [&](auto s_tag, auto t_tag) {
@@ -210,7 +211,7 @@ cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, 
 }
 
 cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const double* lse_s,
-                   const double* lse_t, const float* kl, float inv_t, void* grad, cudaStream_t stream) {
+                   const double* lse_t, const double* kl, float inv_t, void* grad, cudaStream_t stream) {
   if (n == 0 || v == 0) return cudaSuccess;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;

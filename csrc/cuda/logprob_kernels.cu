@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kThreads)
   Vis vis{xr, inv_t};
   const int64_t cols = tokens[row] != ignore_index ? v : 0;  // ignored rows (padding, gap rows) are not read
   walk_row(make_span<Vis::VEC>(cols, misalignment<Vis::VEC>(xr), true, s, splits), vis);
-  block_reduce<LseState<ENT>, kLogprobStateFloats>(vis.st);
+  block_reduce(vis.st);
   if (threadIdx.x != 0) return;
   if (splits > 1) {
     vis.st.store(workspace + (row * splits + s) * kLogprobStateFloats);
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* xr = x + row * row_stride;
   Vis vis{xr, inv_t};
   walk_row(make_span<Vis::VEC>(keep ? v : 0, misalignment<Vis::VEC>(xr), true, 0, 1), vis);
-  block_reduce<LseState<false>, kLogprobStateFloats>(vis.st);
+  block_reduce(vis.st);
   if (threadIdx.x != 0) return;
   if (!keep) {  // masked out: not read, advantage kept
     adv_out[row] = advantages[row], kl_out[row] = 0.f, logp_out[row] = 0.f;
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-SplitPlan plan_forward(int64_t n, int64_t v, int elem_bytes, int state_floats, int device) {
+SplitPlan plan_forward(int64_t n, int64_t v, int elem_bytes, int state_elems, int device) {
   static std::atomic<int> sm_cache[64];  // SM count per device, queried once
   const bool cached = device >= 0 && device < 64;
   int sms = cached ? sm_cache[device].load(std::memory_order_relaxed) : 0;
@@ -185,7 +185,7 @@ SplitPlan plan_forward(int64_t n, int64_t v, int elem_bytes, int state_floats, i
     const int64_t most = std::max<int64_t>(1, v / cols_per_step);                      // >= one full step each
     splits = static_cast<int>(std::min<int64_t>(std::min<int64_t>((target + n - 1) / n, most), 64));
   }
-  return SplitPlan{splits, splits > 1 ? n * splits * state_floats : 0};
+  return SplitPlan{splits, splits > 1 ? n * splits * state_elems : 0};
 }
 
 cudaError_t logprob_fwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,

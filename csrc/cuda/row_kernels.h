@@ -21,12 +21,13 @@ struct Rows {  // a read-only [n, v] logits view
 };
 
 // How the forward kernels cover the vocabulary: `splits` column ranges per row (1 = one block per row). With
-// splits > 1 the forward needs a float workspace of workspace_floats() elements and a second (combine) launch.
+// splits > 1 the forward needs a workspace of workspace_elems elements (float for logprob_fwd, double for
+// kl_fwd) and a second (combine) launch.
 struct SplitPlan {
   int splits;
-  int64_t workspace_floats;
+  int64_t workspace_elems;
 };
-SplitPlan plan_forward(int64_t n, int64_t v, int elem_bytes, int state_floats, int device);
+SplitPlan plan_forward(int64_t n, int64_t v, int elem_bytes, int state_elems, int device);
 
 // logp: [n] fp32; entropy: [n] fp32 or nullptr (not computed); lse: [n] float64 (the contract,
 // opd_kernels/ops/README.md: an fp32 lse would cost confident rows their backward precision).
@@ -39,13 +40,13 @@ cudaError_t logprob_bwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, con
                         const float* grad_entropy, const double* lse, const float* entropy, float inv_t,
                         int64_t vocab_start, int64_t ignore_index, void* grad, cudaStream_t stream);
 
-// tokens / logp_s: nullptr when no sampled tokens are given.
+// kl, lse_s, lse_t: [n] float64 (they feed kl_bwd); tokens / logp_s: nullptr when no sampled tokens are given.
 cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,
-                   int64_t ignore_index, float* kl, double* lse_s, double* lse_t, float* logp_s,
-                   const SplitPlan& plan, float* workspace, cudaStream_t stream);
+                   int64_t ignore_index, double* kl, double* lse_s, double* lse_t, float* logp_s,
+                   const SplitPlan& plan, double* workspace, cudaStream_t stream);
 
 cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const double* lse_s,
-                   const double* lse_t, const float* kl, float inv_t, void* grad, cudaStream_t stream);
+                   const double* lse_t, const double* kl, float inv_t, void* grad, cudaStream_t stream);
 
 // Fused OPD epilogues (whole vocabulary, one launch, one block per row). mask: bool [n] or nullptr; rows with
 // mask == false are not read and give adv_out = advantages, kl = 0, logp = 0. kl_kind 1/2/3 = k1/k2/k3 of
@@ -57,7 +58,7 @@ cudaError_t opd_full_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* to
                          const bool* mask, double coef, float inv_t, float* adv_out, float* kl, float* logp,
                          cudaStream_t stream);
 
-constexpr int kLogprobStateFloats = 4;  // m, c, r, b
-constexpr int kKlStateFloats = 7;       // ms, cs, rs, mt, ct, rt, a
+constexpr int kLogprobStateFloats = 4;  // m, c, r, b (floats)
+constexpr int kKlStateFloats = 7;       // ms, cs, rs, mt, ct, rt, a (doubles in the split workspace)
 
 }  // namespace opd_cuda

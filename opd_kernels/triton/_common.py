@@ -15,8 +15,12 @@ Numerics used by every kernel (all in fp32):
   so that ``-inf - -inf`` never produces NaN, while real NaN logits still reach r and so every output.
 - Entropy accumulator ``b = sum exp(z - m) (z - m)``: entropy = log d - b / d; shifted by the running max so
   large logits lose no precision. Log-probs are formed as (z_tok - m) - log d, never as z_tok - lse.
-- KL accumulator ``a = sum exp(zs - ms) ((zs - zt) - (ms - mt))``: KL = a / ds + log1p((dt - ds) / ds). Both
-  maxima cancel exactly, so student == teacher gives exactly 0; ``zs - zt`` is exact for near-identical rows.
+- KL accumulator ``a = sum exp(zs - ms) ((zs - zt) - (ms - mt))`` in float64, fed per block: the columns at the
+  student's max (weight exactly 1) add their term exactly (zs - zt as an fp32 TwoSum pair), the others an fp32
+  block sum. KL = a / ds + log1p((dt - ds) / ds), returned as float64. Why: where the student is confident and
+  the teacher is not, KL ~ |z| ~ 40 and the backward's log p_s - log p_t - KL is a small difference of two such
+  numbers; an fp32 KL or one rounding of that column's term would cost eps |z| (opd_kernels/ops/README.md).
+  Student == teacher gives exactly 0.
 """
 from __future__ import annotations
 
@@ -184,8 +188,9 @@ def rescale(m_old, m_new):
 
 @triton.jit
 def is_top(z, m):
-    """z == m for a finite max m; all False while m = -inf (comparisons with NaN are False)."""
-    return z == tl.where(m == float("-inf"), float("nan"), m)
+    """z == m for a finite max m. All False while m = -inf (empty) or m = +inf (an inf logit: it then lands in
+    the rest with exp(inf - inf) = NaN, so the row is NaN as the contract says); comparisons with NaN are False."""
+    return z == tl.where(tl.abs(m) == float("inf"), float("nan"), m)
 
 
 @triton.jit
@@ -231,8 +236,8 @@ def _add3(a0, a1, a2, b0, b1, b2):
 
 
 @triton.jit
-def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
+def _add7(a0, a1, a2, a3, a4, a5, a6, b0, b1, b2, b3, b4, b5, b6):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6
 
 
 # Block sums of several vectors. On the GPU one multi-operand tl.reduce shares one shared-memory round (one
@@ -255,11 +260,30 @@ def sums3(x0, x1, x2):
 
 
 @triton.jit
-def sums5(x0, x1, x2, x3, x4):
+def sums7(x0, x1, x2, x3, x4, x5, x6):
     if INTERPRETED:
-        return tl.sum(x0, 0), tl.sum(x1, 0), tl.sum(x2, 0), tl.sum(x3, 0), tl.sum(x4, 0)
+        return (tl.sum(x0, 0), tl.sum(x1, 0), tl.sum(x2, 0), tl.sum(x3, 0), tl.sum(x4, 0), tl.sum(x5, 0),
+                tl.sum(x6, 0))
     else:
-        return tl.reduce((x0, x1, x2, x3, x4), 0, _add5)
+        return tl.reduce((x0, x1, x2, x3, x4, x5, x6), 0, _add7)
+
+
+@triton.jit
+def two_diff(a, b):
+    """(hi, lo) with hi + lo == a - b exactly (Knuth's TwoSum of a and -b; fp32 in, fp32 out); lo = 0 when hi is
+    infinite (a -inf teacher logit under student mass: the KL is +inf, not NaN)."""
+    hi = a - b
+    bb = hi - a
+    lo = (a - (hi - bb)) + (-b - bb)
+    return hi, tl.where(tl.abs(hi) == float("inf"), 0.0, lo)
+
+
+@triton.jit
+def kl_value(cs, rs, ct, rt, a):
+    """KL = a / ds + log(dt / ds) in float64 (a is float64), the log as log1p((dt - ds) / ds) with
+    dt - ds = (ct - cs) + (rt - rs): exact for identical rows, precise for near-identical ones."""
+    ds = cs.to(tl.float64) + rs.to(tl.float64)
+    return a / ds + log1p(((ct - cs).to(tl.float64) + (rt.to(tl.float64) - rs.to(tl.float64))) / ds)
 
 
 @triton.jit

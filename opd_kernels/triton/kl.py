@@ -18,22 +18,22 @@ import triton.language as tl
 
 from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t, device_ctx,
                       fold_mass, is_top, log1p, log_mass, lse_out, merge_parts, rescale, row_vector, safe_max,
-                      split_block, split_config, split_lse, sums5, to_output_dtype, token_logit)
+                      split_block, split_config, split_lse, sums7, to_output_dtype, token_logit, two_diff, kl_value)
 
-PARTS: tl.constexpr = tl.constexpr(7)  # floats per partial state of the split path: ms, cs, rs, mt, ct, rt, a
+PARTS: tl.constexpr = tl.constexpr(7)  # float64s per partial state of the split path: ms, cs, rs, mt, ct, rt, a
 
 
 @triton.jit
 def _kl_stats(s_row, t_row, lo, hi, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
     """Online state over columns [lo, hi) of one student/teacher row pair, z = x * inv_t: (ms, cs, rs) and
-    (mt, ct, rt) as in _common, a = sum exp(zs - ms) ((zs - zt) - (ms - mt))."""
+    (mt, ct, rt) as in _common, a = sum exp(zs - ms) ((zs - zt) - (ms - mt)) in float64."""
     ms = tl.full((), float("-inf"), tl.float32)
     mt = tl.full((), float("-inf"), tl.float32)
     cs = tl.zeros((), tl.float32)
     rs = tl.zeros((), tl.float32)
     ct = tl.zeros((), tl.float32)
     rt = tl.zeros((), tl.float32)
-    a = tl.zeros((), tl.float32)
+    a = tl.zeros((), tl.float64)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         ok = cols < hi
@@ -47,14 +47,16 @@ def _kl_stats(s_row, t_row, lo, hi, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
         et = tl.exp(yt - ref_t)
         top_s = is_top(ys, ms_new)
         top_t = is_top(yt, mt_new)
-        # (zs - zt) first: exact for near-identical rows (Sterbenz), so tiny KLs keep their precision; and it uses
-        # the same rounded z as es / et, so the identity behind the final formula holds for the computed values.
-        term = (ys - yt) - (ref_s - ref_t)
-        cs_b, rs_b, ct_b, rt_b, a_b = sums5(top_s.to(tl.float32), tl.where(top_s, 0.0, es), top_t.to(tl.float32),
-                                            tl.where(top_t, 0.0, et), tl.where(es == 0, 0.0, es * term))
+        diff_hi, diff_lo = two_diff(ys, yt)  # zs - zt exactly, for the columns at the max
+        rest = tl.where(top_s | (es == 0), 0.0, es * (diff_hi - (ref_s - ref_t)))
+        cs_b, rs_b, ct_b, rt_b, rest_b, hi_b, lo_b = sums7(
+            top_s.to(tl.float32), tl.where(top_s, 0.0, es), top_t.to(tl.float32), tl.where(top_t, 0.0, et), rest,
+            tl.where(top_s, diff_hi, 0.0), tl.where(top_s, diff_lo, 0.0))
         # a's terms are relative to (ms, mt); moving the references shifts each earlier term by the same amount.
-        shift = (safe_max(ms) - ref_s) - (safe_max(mt) - ref_t)
-        a = rescale(ms, ms_new) * (a + shift * (cs + rs)) + a_b
+        shift = (safe_max(ms).to(tl.float64) - ref_s.to(tl.float64)) - (safe_max(mt).to(tl.float64) - ref_t)
+        ref_diff = ref_s.to(tl.float64) - ref_t.to(tl.float64)
+        a = rescale(ms, ms_new).to(tl.float64) * (a + shift * (cs + rs).to(tl.float64)) + rest_b.to(tl.float64) \
+            + ((hi_b.to(tl.float64) + lo_b.to(tl.float64)) - cs_b.to(tl.float64) * ref_diff)
         cs, rs = fold_mass(ms, cs, rs, ms_new)
         ct, rt = fold_mass(mt, ct, rt, mt_new)
         cs += cs_b
@@ -69,9 +71,7 @@ def _kl_stats(s_row, t_row, lo, hi, INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
 @triton.jit
 def _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, cs, rs, mt, ct, rt, a, V,
                vocab_start, ignore_index, INV_T: tl.constexpr, HAS_TOKENS: tl.constexpr):
-    ds = cs + rs
-    # log(dt / ds) as log1p((dt - ds) / ds), dt - ds = (ct - cs) + (rt - rs): near-identical rows keep precision
-    tl.store(kl_ptr + row, a / ds + log1p(((ct - cs) + (rt - rs)) / ds))
+    tl.store(kl_ptr + row, kl_value(cs, rs, ct, rt, a))
     log_ds = log_mass(cs, rs)
     tl.store(lses_ptr + row, lse_out(ms, log_ds))
     tl.store(lset_ptr + row, lse_out(mt, log_mass(ct, rt)))
@@ -92,13 +92,13 @@ def _kl_fwd_kernel(s_ptr, t_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, 
         s = tl.program_id(1)
         lo = s * chunk
         ms, cs, rs, mt, ct, rt, a = _kl_stats(s_row, t_row, lo, tl.minimum(lo + chunk, V), INV_T, BLOCK_V)
-        part = part_ptr + (row * tl.num_programs(1) + s) * PARTS
-        tl.store(part, ms)
-        tl.store(part + 1, cs)
-        tl.store(part + 2, rs)
-        tl.store(part + 3, mt)
-        tl.store(part + 4, ct)
-        tl.store(part + 5, rt)
+        part = part_ptr + (row * tl.num_programs(1) + s) * PARTS  # float64 workspace
+        tl.store(part, ms.to(tl.float64))
+        tl.store(part + 1, cs.to(tl.float64))
+        tl.store(part + 2, rs.to(tl.float64))
+        tl.store(part + 3, mt.to(tl.float64))
+        tl.store(part + 4, ct.to(tl.float64))
+        tl.store(part + 5, rt.to(tl.float64))
         tl.store(part + 6, a)
     else:
         ms, cs, rs, mt, ct, rt, a = _kl_stats(s_row, t_row, 0, V, INV_T, BLOCK_V)
@@ -114,17 +114,17 @@ def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, par
     offs = tl.arange(0, SPLIT_BLOCK)
     part = part_ptr + (row * n_split + offs) * PARTS
     ok = offs < n_split
-    ms_i = tl.load(part, mask=ok, other=float("-inf"))
-    cs_i = tl.load(part + 1, mask=ok, other=0.0)
-    rs_i = tl.load(part + 2, mask=ok, other=0.0)
-    mt_i = tl.load(part + 3, mask=ok, other=float("-inf"))
-    ct_i = tl.load(part + 4, mask=ok, other=0.0)
-    rt_i = tl.load(part + 5, mask=ok, other=0.0)
+    ms_i = tl.load(part, mask=ok, other=float("-inf")).to(tl.float32)
+    cs_i = tl.load(part + 1, mask=ok, other=0.0).to(tl.float32)
+    rs_i = tl.load(part + 2, mask=ok, other=0.0).to(tl.float32)
+    mt_i = tl.load(part + 3, mask=ok, other=float("-inf")).to(tl.float32)
+    ct_i = tl.load(part + 4, mask=ok, other=0.0).to(tl.float32)
+    rt_i = tl.load(part + 5, mask=ok, other=0.0).to(tl.float32)
     a_i = tl.load(part + 6, mask=ok, other=0.0)
     ms, cs, rs, sc_s = merge_parts(ms_i, cs_i, rs_i)
     mt, ct, rt, _ = merge_parts(mt_i, ct_i, rt_i)
-    shift = (safe_max(ms_i) - safe_max(ms)) - (safe_max(mt_i) - safe_max(mt))
-    a = tl.sum(tl.where(sc_s > 0, sc_s * (a_i + shift * (cs_i + rs_i)), 0.0), 0)
+    shift = (safe_max(ms_i).to(tl.float64) - safe_max(ms)) - (safe_max(mt_i).to(tl.float64) - safe_max(mt))
+    a = tl.sum(tl.where(sc_s > 0, sc_s.to(tl.float64) * (a_i + shift * (cs_i + rs_i).to(tl.float64)), 0.0), 0)
     s_row = s_ptr + row * s_stride_r
     _kl_finish(s_row, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, row, ms, cs, rs, mt, ct, rt, a, V, vocab_start,
                ignore_index, INV_T, HAS_TOKENS)
@@ -141,17 +141,21 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     s_row = s_ptr + row * s_stride_r
     t_row = t_ptr + row * t_stride_r
     lse_s_hi, lse_s_lo = split_lse(lses_ptr, row)
-    dlse = (tl.load(lses_ptr + row).to(tl.float64) - tl.load(lset_ptr + row).to(tl.float64)).to(tl.float32)
+    # log p_s - log p_t - kl = (zs - zt) - C, C = kl + lse_s - lse_t in float64, split hi + lo, zs - zt exact
+    # (TwoSum): where the student is confident and the teacher is not, both are ~|z| and differ by little.
+    c = tl.load(kl_ptr + row).to(tl.float64) + (tl.load(lses_ptr + row).to(tl.float64)
+                                                 - tl.load(lset_ptr + row).to(tl.float64))
+    c_hi = c.to(tl.float32)
+    c_lo = (c - c_hi.to(tl.float64)).to(tl.float32)
     g = tl.load(gkl_ptr + row).to(tl.float32)
-    kl = tl.load(kl_ptr + row).to(tl.float32)
     # Rows with a zero upstream gradient (masked rows) are not read and get exact zeros, even with NaN logits.
     active = cols < tl.where(g != 0.0, V, 0)
     zs = tl.load(s_row + cols, mask=active, other=float("-inf")).to(tl.float32) * INV_T
     zt = tl.load(t_row + cols, mask=active, other=float("-inf")).to(tl.float32) * INV_T
     p = tl.exp((zs - lse_s_hi) - lse_s_lo)
-    # log p_s - log p_t from the differences (exact for near-identical rows), not from two O(lse) log-probs.
-    diff = (zs - zt) - dlse
-    grad = tl.where(p == 0, 0.0, p * (diff - kl) * (g * INV_T))
+    diff_hi, diff_lo = two_diff(zs, zt)
+    u = (diff_hi - c_hi) + (diff_lo - c_lo)
+    grad = tl.where(p == 0, 0.0, p * u * (g * INV_T))
     grad = tl.where(active, grad, 0.0)
     tl.store(out_ptr + row * V + cols, to_output_dtype(grad, out_ptr), mask=ok)
 
@@ -166,8 +170,7 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
     tokens = row_vector(tokens, N, xs.device, "tokens", integer=True)
     inv_t = checked_inv_t(inv_t)
     f32 = dict(device=xs.device, dtype=torch.float32)
-    kl = torch.empty(N, **f32)
-    lse_s, lse_t = (torch.empty(N, device=xs.device, dtype=torch.float64) for _ in range(2))
+    kl, lse_s, lse_t = (torch.empty(N, device=xs.device, dtype=torch.float64) for _ in range(3))
     logp = torch.empty(N if has_tok else 0, **f32)
     if N == 0:
         return kl, lse_s, lse_t, logp
@@ -181,7 +184,7 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
             _kl_fwd_kernel[(N, 1)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, kl, t_stride_r=tsr,
                                    chunk=chunk, SPLIT=False, BLOCK_V=block_v, num_warps=warps, **common)
         else:
-            part = torch.empty(N, n_split, PARTS.value, **f32)
+            part = torch.empty(N, n_split, PARTS.value, device=xs.device, dtype=torch.float64)
             _kl_fwd_kernel[(N, n_split)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, part, t_stride_r=tsr,
                                          chunk=chunk, SPLIT=True, BLOCK_V=block_v, num_warps=warps, **common)
             _kl_combine_kernel[(N,)](xs, tok_arg, kl, lse_s, lse_t, logp_arg, part, n_split,
@@ -191,8 +194,8 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
 
 def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | None, inv_temperature: float,
            vocab_start: int, ignore_index: int):
-    """Shard-local (kl, lse_s, lse_t, logp_s), [N]: kl, logp_s fp32, lse_s, lse_t float64; logp_s is an empty [0]
-    tensor when tokens is None.
+    """Shard-local (kl, lse_s, lse_t, logp_s), [N]: kl, lse_s, lse_t float64 (they feed kl_bwd), logp_s fp32 (an
+    empty [0] tensor when tokens is None).
 
     student, teacher: [N, V] views of the same shape, unit vocabulary stride, any float dtypes
     (they may differ). kl = sum_v p_s (log p_s - log p_t) over the shard, p = softmax(x * inv_t) of the shard.

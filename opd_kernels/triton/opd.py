@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t,
-                      device_ctx, log1p, log_mass, row_vector)
+                      device_ctx, kl_value, log_mass, row_vector)
 from .kl import _kl_stats
 from .logprob import _logprob_stats
 
@@ -79,10 +79,8 @@ def _opd_full_kernel(s_ptr, t_ptr, tok_ptr, adv_ptr, mask_ptr, adv_out_ptr, kl_p
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
     ms, cs, rs, mt, ct, rt, a = _kl_stats(s_row, t_ptr + row * t_stride_r, 0, tl.where(keep, V, 0), INV_T, BLOCK_V)
-    ds = cs + rs
-    kl = a / ds + log1p(((ct - cs) + (rt - rs)) / ds)  # as in kl._kl_finish
     lp = _token_logp(s_row, tok_ptr, row, ms, log_mass(cs, rs), V, INV_T)
-    _store_epilogue(row, keep, lp, kl.to(tl.float64), adv_ptr, coef, adv_out_ptr, kl_ptr, logp_ptr)
+    _store_epilogue(row, keep, lp, kl_value(cs, rs, ct, rt, a), adv_ptr, coef, adv_out_ptr, kl_ptr, logp_ptr)
 
 
 def _rows_and_outputs(x, tokens, advantages, mask):
