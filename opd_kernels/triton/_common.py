@@ -24,6 +24,7 @@ Numerics used by every kernel (all in fp32):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -112,18 +113,7 @@ def check_device(x: torch.Tensor) -> None:
 
 def device_ctx(x: torch.Tensor):
     """Launch on x's GPU (Triton launches on the current device) without changing it for the caller."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else _NULL_CTX
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL_CTX = _NullCtx()
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,9 +129,10 @@ def block_config(x: torch.Tensor) -> tuple[int, int]:
     """(BLOCK_V, num_warps) of the streaming loops.
 
     GPU: 8 KiB of one row per iteration per program (bf16/fp16: 4096 columns, fp32: 2048) over 8 warps, i.e.
-    16 B per thread per load instruction = one 128-bit load when the row start is 16-B aligned. ~40 registers per
-    thread let 8 programs share an SM, so ~64 KiB of loads are in flight per SM: enough to cover HBM latency at
-    ~3 TB/s (Little's law needs ~20 KiB/SM). To be confirmed on the GPU (see the report).
+    32 B per thread = two 128-bit loads when the row start is 16-B aligned (Triton proves it from the pointer and
+    stride specialisation). With ~64 registers per thread (an estimate) 4 programs share an SM, ~32 KiB of loads
+    in flight per SM: Little's law asks ~20 KiB/SM at ~3 TB/s. Untuned: measure BLOCK_V 2048-16384 x 4-16 warps
+    on the GPU (benchmarks: python -m benchmarks --device cuda --backends triton).
     Interpreter: one large block per row (numpy vectorises the block; the loop count dominates run time).
     """
     if _INTERPRETED:
