@@ -47,11 +47,15 @@ int64_t check_logits(const at::Tensor& x, const char* name) {
   return x.size(0);
 }
 
-void check_pair(const at::Tensor& s, const at::Tensor& t) {
+// Checks a student / teacher pair of logits views (dtypes may differ) and returns the row count.
+int64_t check_pair(const at::Tensor& s, const at::Tensor& t) {
+  const int64_t n = check_logits(s, "student logits");
+  check_logits(t, "teacher logits");
   TORCH_CHECK_VALUE(s.sizes() == t.sizes(), "student and teacher views differ in shape: ", s.sizes(), " vs ",
                     t.sizes());
   TORCH_CHECK_VALUE(s.device() == t.device(), "student and teacher logits are on different devices: ", s.device(),
                     " vs ", t.device());
+  return n;
 }
 
 // A per-row input as a contiguous [n] tensor of `dtype` (no copy when it already is one).
@@ -123,9 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
                                                                   const std::optional<at::Tensor>& tokens,
                                                                   double inv_temperature, int64_t vocab_start,
                                                                   int64_t ignore_index) {
-  const int64_t n = check_logits(xs, "student logits"), v = xs.size(1);
-  check_logits(xt, "teacher logits");
-  check_pair(xs, xt);
+  const int64_t n = check_pair(xs, xt), v = xs.size(1);
   const float inv_t = checked_inv_t(inv_temperature);
   const c10::cuda::CUDAGuard guard(xs.device());
   const at::Tensor tok = tokens.has_value() ? per_row(*tokens, n, at::kLong, xs, "tokens") : at::Tensor();
@@ -146,9 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
 
 at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
                   const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
-  const int64_t n = check_logits(xs, "student logits"), v = xs.size(1);
-  check_logits(xt, "teacher logits");
-  check_pair(xs, xt);
+  const int64_t n = check_pair(xs, xt), v = xs.size(1);
   const float inv_t = checked_inv_t(inv_temperature);
   const c10::cuda::CUDAGuard guard(xs.device());
   const at::Tensor g = per_row(grad_kl, n, at::kFloat, xs, "grad_kl");
@@ -190,9 +190,7 @@ Triple opd_sampled_fwd(const at::Tensor& x, const at::Tensor& tokens, const at::
 Triple opd_full_fwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& tokens,
                     const at::Tensor& advantages, const std::optional<at::Tensor>& mask, double coef,
                     double inv_temperature) {
-  const int64_t n = check_logits(xs, "student logits"), v = xs.size(1);
-  check_logits(xt, "teacher logits");
-  check_pair(xs, xt);
+  const int64_t n = check_pair(xs, xt), v = xs.size(1);
   const float inv_t = checked_inv_t(inv_temperature);
   const c10::cuda::CUDAGuard guard(xs.device());
   const at::Tensor tok = per_row(tokens, n, at::kLong, xs, "tokens");

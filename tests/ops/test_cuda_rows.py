@@ -20,8 +20,8 @@ from opd_kernels import _backend  # noqa: E402
 if not _backend.available("cuda", "cuda"):
     pytest.skip(f"CUDA row kernels unavailable: {_backend.why_unavailable('cuda', 'cuda')}", allow_module_level=True)
 
-from test_triton_rows import (IGNORE, check_2x, contract_kl, contract_logprob, grad_oracle,  # noqa: E402
-                              make_logits, make_tokens)
+from test_triton_rows import (IGNORE, check_2x, check_64_bit_row_offsets, check_nan_and_skipped_rows,  # noqa: E402
+                              contract_kl, contract_logprob, grad_oracle, make_logits, make_tokens)
 
 C = torch.ops.opd_C
 DEV = "cuda"
@@ -190,45 +190,11 @@ def test_agrees_with_triton_kernels():
 
 
 def test_nan_ignore_and_zero_gradient_rows():
-    x = make_logits(3, 40000, torch.bfloat16, "random", seed=1)
-    x[1, 12345] = float("nan")
-    tok = make_tokens(3, 40000)
-    logp, ent, lse = C.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
-    for t in (logp, ent, lse):
-        assert torch.isnan(t[1]) and torch.isfinite(t[[0, 2]]).all()
-    x_inf = x.clone()
-    x_inf[1, 12345] = float("inf")  # +inf is NaN too (the row has no finite softmax)
-    assert torch.isnan(torch.stack(C.logprob_fwd(x_inf, tok, 1.0, 0, IGNORE, True)[:2])[:, 1]).all()
-    assert torch.isnan(C.kl_fwd(x_inf, x, None, 1.0, 0, IGNORE)[0][1])
-    grad = C.logprob_bwd(x, tok, torch.ones(3, device=DEV), None, lse, ent, 1.0, 0, IGNORE)
-    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
-    kl, lse_s, lse_t, _ = C.kl_fwd(x, x.roll(1, 0), None, 1.0, 0, IGNORE)
-    assert torch.isnan(kl[[1, 2]]).all() and torch.isfinite(kl[0])
-    grad = C.kl_bwd(x, x.roll(1, 0), kl.new_tensor([1.0, 0.0, 1.0]), lse_s, lse_t, kl, 1.0)
-    assert torch.count_nonzero(grad[1]).item() == 0 and torch.isnan(grad[2]).all()
-    tok[1] = IGNORE  # an ignored row is not read
-    logp, ent, lse = C.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
-    assert torch.isfinite(torch.stack([logp, ent, lse])).all() and logp[1].item() == ent[1].item() == 0.0
-    grad = C.logprob_bwd(x, tok, torch.ones(3, device=DEV), torch.ones(3, device=DEV), lse, ent, 1.0, 0, IGNORE)
-    assert torch.count_nonzero(grad[1]).item() == 0 and torch.isfinite(grad).all()
+    check_nan_and_skipped_rows(C)
 
 
 def test_row_offsets_are_64_bit():
-    """Rows 2^30 + 16 elements apart (a 4.3 GB bf16 buffer): row 2 starts past 2^31 elements."""
-    v, stride = 4099, (1 << 30) + 16
-    buf = torch.empty(2 * stride + v, dtype=torch.bfloat16, device=DEV)
-    x = buf.as_strided((3, v), (stride, 1))
-    x.copy_(make_logits(3, v, torch.bfloat16, "peaked", seed=12))
-    dense, tok = x.contiguous(), make_tokens(3, v, seed=12)
-    for a, b in zip(C.logprob_fwd(x, tok, 1.0, 0, IGNORE, True), C.logprob_fwd(dense, tok, 1.0, 0, IGNORE, True)):
-        assert torch.equal(a, b)
-    k = C.kl_fwd(x, dense.flip(0), tok, 1.0, 0, IGNORE)
-    for a, b in zip(k, C.kl_fwd(dense, dense.flip(0), tok, 1.0, 0, IGNORE)):
-        assert torch.equal(a, b)
-    up = torch.ones(3, device=DEV)
-    assert torch.equal(C.kl_bwd(x, dense.flip(0), up, k[1], k[2], k[0], 1.0),
-                       C.kl_bwd(dense, dense.flip(0), up, k[1], k[2], k[0], 1.0))
-    del buf
+    check_64_bit_row_offsets(C)
 
 
 def test_empty_and_bad_input():

@@ -291,8 +291,10 @@ def test_kl_identical_rows_is_exactly_zero():
 
 # + a confident student against an unrelated confident teacher at T = 0.7: KL ~ 40 and, at the student's top
 # column, log p_s - log p_t - KL is a tiny difference of two ~40s (the case that needs a float64 kl).
-@pytest.mark.parametrize("case", KL_CASES[1::2] + [KL_CASES[0], (3, 32000, torch.float32, torch.float32, 0.7, "peaked")],
-                         ids=lambda c: f"N{c[0]}-V{c[1]}-{c[2]}-T{c[4]}-{c[5]}")
+KL_BWD_CASES = KL_CASES[1::2] + [KL_CASES[0], (3, 32000, torch.float32, torch.float32, 0.7, "peaked")]
+
+
+@pytest.mark.parametrize("case", KL_BWD_CASES, ids=lambda c: f"N{c[0]}-V{c[1]}-{c[2]}-T{c[4]}-{c[5]}")
 def test_kl_bwd_matches_float64(case):
     n, v, ds, dt_, temp, relation = case
     xs, xt = _kl_pair(n, v, ds, dt_, relation, seed=2)
@@ -337,52 +339,62 @@ def test_kl_padded_vocabulary_columns():
 # NaN, 64-bit offsets, empty and bad input
 # ------------------------------------------------------------------------------------------------------------
 
-def test_nan_logits_propagate_to_their_row_only():
+def check_nan_and_skipped_rows(K):
+    """NaN / +inf logits make their row NaN and no other; zero-gradient KL rows and ignored rows are exact zeros and
+    never read. K: a module of row kernels (opd_kernels.triton, or torch.ops.opd_C in test_cuda_rows.py)."""
     x = make_logits(3, 5000, torch.bfloat16, "random", seed=1)
     x[1, 4321] = float("nan")
     tok = make_tokens(3, 5000)
-    logp, ent, lse = tk.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
+    logp, ent, lse = K.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
     for t in (logp, ent, lse):
         assert torch.isnan(t[1]) and torch.isfinite(t[[0, 2]]).all()
     x_inf = x.clone()
     x_inf[1, 4321] = float("inf")  # +inf is NaN too (the row has no finite softmax)
-    assert torch.isnan(torch.stack(tk.logprob_fwd(x_inf, tok, 1.0, 0, IGNORE, True)[:2])[:, 1]).all()
-    assert torch.isnan(tk.kl_fwd(x_inf, x, None, 1.0, 0, IGNORE)[0][1])
-    grad = tk.logprob_bwd(x, tok, torch.ones(3).to(DEV), None, lse, ent, 1.0, 0, IGNORE)
+    assert torch.isnan(torch.stack(K.logprob_fwd(x_inf, tok, 1.0, 0, IGNORE, True)[:2])[:, 1]).all()
+    assert torch.isnan(K.kl_fwd(x_inf, x, None, 1.0, 0, IGNORE)[0][1])
+    grad = K.logprob_bwd(x, tok, torch.ones(3).to(DEV), None, lse, ent, 1.0, 0, IGNORE)
     assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all()
-    kl, lse_s, lse_t, _ = tk.kl_fwd(x, x.roll(1, 0), None, 1.0, 0, IGNORE)
+    kl, lse_s, lse_t, _ = K.kl_fwd(x, x.roll(1, 0), None, 1.0, 0, IGNORE)
     assert torch.isnan(kl[[1, 2]]).all() and torch.isfinite(kl[0])  # row 2's teacher is row 1
-    g = kl.new_tensor([1.0, 0.0, 1.0])  # a zero upstream gradient (masked row) gives exact zeros, NaN or not
-    grad = tk.kl_bwd(x, x.roll(1, 0), g, lse_s, lse_t, kl, 1.0)
+    g = torch.tensor([1.0, 0.0, 1.0]).to(DEV)  # a zero upstream gradient (masked row): exact zeros, NaN or not
+    grad = K.kl_bwd(x, x.roll(1, 0), g, lse_s, lse_t, kl, 1.0)
     assert torch.count_nonzero(grad[1]).item() == 0 and torch.isnan(grad[2]).all()
     # an ignored row is not read at all: a NaN there leaks nowhere
     tok[1] = IGNORE
-    logp, ent, lse = tk.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
-    assert torch.isfinite(torch.stack([logp, ent, lse])).all() and logp[1].item() == ent[1].item() == 0.0
-    grad = tk.logprob_bwd(x, tok, torch.ones(3).to(DEV), torch.ones(3).to(DEV), lse, ent, 1.0, 0, IGNORE)
+    logp, ent, lse = K.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
+    assert torch.isfinite(torch.stack([logp, ent, lse.float()])).all() and logp[1].item() == ent[1].item() == 0.0
+    grad = K.logprob_bwd(x, tok, torch.ones(3).to(DEV), torch.ones(3).to(DEV), lse, ent, 1.0, 0, IGNORE)
     assert torch.count_nonzero(grad[1]).item() == 0 and torch.isfinite(grad).all()
 
 
-def test_row_offsets_are_64_bit():
+def check_64_bit_row_offsets(K):
     """Rows 2^30 + 16 elements apart: row 2 starts past 2^31 elements (int32 offsets would read out of bounds).
-    The 4 GiB buffer is allocated but never touched outside the three rows, so it costs ~no memory."""
+    The 4 GiB buffer is allocated but never touched outside the three rows (lazily mapped on CPU)."""
     v, stride = 4099, (1 << 30) + 16
     buf = torch.empty(2 * stride + v, dtype=torch.bfloat16, device=DEV)
     x = buf.as_strided((3, v), (stride, 1))
     x.copy_(make_logits(3, v, torch.bfloat16, "peaked", seed=12))
     dense = x.contiguous()
     tok = make_tokens(3, v, seed=12)
-    got = tk.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
-    for a, b in zip(got, tk.logprob_fwd(dense, tok, 1.0, 0, IGNORE, True)):
+    got = K.logprob_fwd(x, tok, 1.0, 0, IGNORE, True)
+    for a, b in zip(got, K.logprob_fwd(dense, tok, 1.0, 0, IGNORE, True)):
         assert torch.equal(a, b)
     up = torch.ones(3).to(DEV)
-    assert torch.equal(tk.logprob_bwd(x, tok, up, up, got[2], got[1], 1.0, 0, IGNORE),
-                       tk.logprob_bwd(dense, tok, up, up, got[2], got[1], 1.0, 0, IGNORE))
-    k = tk.kl_fwd(x, dense.flip(0), tok, 1.0, 0, IGNORE)
-    for a, b in zip(k, tk.kl_fwd(dense, dense.flip(0), tok, 1.0, 0, IGNORE)):
+    assert torch.equal(K.logprob_bwd(x, tok, up, up, got[2], got[1], 1.0, 0, IGNORE),
+                       K.logprob_bwd(dense, tok, up, up, got[2], got[1], 1.0, 0, IGNORE))
+    k = K.kl_fwd(x, dense.flip(0), tok, 1.0, 0, IGNORE)
+    for a, b in zip(k, K.kl_fwd(dense, dense.flip(0), tok, 1.0, 0, IGNORE)):
         assert torch.equal(a, b)
-    assert torch.equal(tk.kl_bwd(x, dense.flip(0), up, k[1], k[2], k[0], 1.0),
-                       tk.kl_bwd(dense, dense.flip(0), up, k[1], k[2], k[0], 1.0))
+    assert torch.equal(K.kl_bwd(x, dense.flip(0), up, k[1], k[2], k[0], 1.0),
+                       K.kl_bwd(dense, dense.flip(0), up, k[1], k[2], k[0], 1.0))
+
+
+def test_nan_logits_propagate_to_their_row_only():
+    check_nan_and_skipped_rows(tk)
+
+
+def test_row_offsets_are_64_bit():
+    check_64_bit_row_offsets(tk)
 
 
 def test_empty_rows():
