@@ -37,13 +37,18 @@ DType dtype_of(const at::Tensor& x) {
 
 Rows rows_of(const at::Tensor& x) { return Rows{x.data_ptr(), x.stride(0), dtype_of(x)}; }
 
-// Checks a logits view and returns its row count; grid.x holds one block per row.
+// Checks a logits view (ValueError / TypeError naming the problem) and returns its row count; grid.x holds one
+// block per row. opd::check_rows (shared with the CPU kernels) stays as the last guard.
 int64_t check_logits(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.is_cuda(), name, " must be a CUDA tensor, got ", x.device());
-  check_rows(x, name);
+  dtype_of(x);
+  TORCH_CHECK_VALUE(x.dim() == 2, name, " must be a 2-D [N, V] view, got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(0) < (int64_t{1} << 31), name, " has ", x.size(0), " rows; at most 2^31 - 1 per call");
   TORCH_CHECK_VALUE(x.size(0) == 0 || x.size(1) > 0, name, " has an empty vocabulary dimension (shape ", x.sizes(),
                     "); every row needs >= 1 logit");
+  TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, name, " must have unit stride along the vocabulary (got ",
+                    x.stride(1), "); call .contiguous() first");
+  check_rows(x, name);
   return x.size(0);
 }
 
