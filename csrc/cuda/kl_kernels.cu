@@ -3,12 +3,16 @@
 // Design note (Hopper, memory-bound; numerics in common.cuh):
 // - Forward: grid (n, splits), 256 threads. Block (r, s) walks its columns of the student AND teacher rows
 //   together: per step each thread issues U = 2 pack loads per row (16 B for the wider dtype) before using
-//   them, i.e. 16 KiB in flight per block; per-thread state (ms, cs, rs, mt, ct, rt, a) = 7 floats, one rescale
-//   per pack when either max grows, 2 exp per column pair; warp butterfly + shared-memory merge. Bytes moved:
+//   them, i.e. 16 KiB in flight per block; per-thread state (ms, cs, rs, mt, ct, rt) floats + a in double (one
+//   double add per pack: an fp32 per-pack sum, plus the exact TwoSum term of a column at the student's max),
+//   one rescale per pack when either max grows, 2 exp per column pair; warp butterfly + shared-memory merge
+//   (float64 workspace for the split path). Bytes moved:
 //   n*v*(elt_s + elt_t) + ~20 B per row: the exact KL costs one read of each logit matrix. Few rows: the
 //   row is cut into column ranges whose states a one-warp-per-row combine kernel merges (as logprob_kernels).
-// - Backward: the same walk, elementwise from the global (lse_s, lse_t, kl): reads both rows once, writes the
-//   student gradient once; rows whose upstream gradient is 0 (masked rows) skip the reads and write zeros.
+// - Backward: the same walk, elementwise from the global float64 (lse_s, lse_t, kl): reads both rows once, writes
+//   the student gradient once (u = (zs - zt) - C with zs - zt as a TwoSum pair and C = kl + lse_s - lse_t split
+//   hi + lo: ~6 extra fp32 ops per column); rows whose upstream gradient is 0 (masked rows) skip the reads and
+//   write zeros.
 // - Student and teacher may have different dtypes: packs hold VEC = 16 / max(elt) elements, so the wider row
 //   uses 16-byte and the narrower 8-byte accesses. Rows whose pointers disagree on alignment are walked
 //   scalar (correct, slower; does not happen for same-layout contiguous inputs).

@@ -3,12 +3,14 @@
 Design note (Hopper, memory-bound; numerics in _common.py):
 - Forward: grid (N,) (or (N, S) + a combine kernel when rows are few, as in logprob.py). Each program streams its
   student AND teacher rows together in BLOCK_V-column blocks, keeping both online-softmax states (ms, cs, rs),
-  (mt, ct, rt) and the KL accumulator a (7 fp32 scalars) in registers: one read of each row, 2 exp per column
-  pair, 3 block reductions per iteration (the two maxima and one 5-operand sum). Bytes moved:
+  (mt, ct, rt) in fp32 and the KL accumulator a in float64 (scalar double math once per block) in registers:
+  one read of each row, 2 exp + a TwoSum per column pair, 3 block reductions per iteration (the two maxima and
+  one 7-operand sum). Bytes moved:
   N*V*(elt_s + elt_t) + 16 B per row, i.e. the KL costs the same as reading both logit matrices once.
   The sampled token's student log-prob (when tokens is given) is one extra scalar load.
-- Backward: elementwise from the GLOBAL (lse_s, lse_t, kl): grid (N, ceil(V / BLOCK_V)), reads both rows once,
-  writes grad_xs once; no loop, no reduction.
+- Backward: elementwise from the GLOBAL float64 (lse_s, lse_t, kl): grid (N, ceil(V / BLOCK_V)), reads both rows
+  once, writes grad_xs once; no loop, no reduction. u = (zs - zt) - C, zs - zt exact (TwoSum), C = kl + lse_s -
+  lse_t split hi + lo (opd_kernels/ops/README.md).
 """
 from __future__ import annotations
 
