@@ -12,7 +12,7 @@ import time
 
 from .config import Config
 from .observability import RunLogger
-from .orchestration.runtime import Runtime
+from .orchestration.runtime import Runtime, acquire, release
 from .orchestration.step import (compute_step_advantages, loss_settings, rollout_metrics, teacher_logprobs,
                                  teacher_rows, to_train_batch)
 from .rollout.data import PromptDataset, load_prompts, load_tokenizer
@@ -31,11 +31,14 @@ def run(cfg: Config) -> dict:
         d.eval_prompt_data, tok, input_key=d.input_key, label_key=d.label_key,
         apply_chat_template=d.apply_chat_template, max_prompts=d.eval_max_prompts, require_labels=True)
     dataset = PromptDataset(train_prompts, shuffle=d.rollout_shuffle, seed=cfg.rollout.rollout_seed)
-    rt = Runtime.start(cfg, save_dir_of(cfg))
+    rt = acquire(cfg, save_dir_of(cfg))
+    healthy = False
     try:
-        return _loop(cfg, rt, dataset, eval_prompts)
+        result = _loop(cfg, rt, dataset, eval_prompts)
+        healthy = True
+        return result
     finally:
-        rt.close()
+        release(rt, healthy=healthy)
 
 
 def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dict:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..backends.megatron import (BatchingSettings, CheckpointSettings, CriticSettings, ModelSource, OptimizerSettings,
@@ -60,12 +62,22 @@ def engine_kind(c: Config, device: str) -> str:
     return ("sglang" if device == "cuda" else "cpu") if kind == "auto" else kind
 
 
+def _key(c: Config, device: str) -> tuple:
+    """What a warm runtime must share with the next run to be reused: processes, parallelism, engine shape."""
+    with open(os.path.join(c.model.hf_checkpoint, "config.json")) as f:
+        arch = f.read()
+    return (c.derived["world_size"], c.train.tensor_model_parallel_size, device, engine_kind(c, device),
+            c.rollout.rollout_num_engines, c.rollout.rollout_num_gpus_per_engine, c.rollout.sglang_extra_args, arch,
+            c.cluster.ray_address)
+
+
 @dataclass
 class Runtime:
     rollout: object                 # Ray actor handle of RolloutManager
     trainers: TrainerGroup
     plan: RewardPlan
     started_ray: bool
+    key: tuple = ()
 
     @classmethod
     def start(cls, c: Config, save_dir: str, *, engine_threads: int | None = None) -> "Runtime":
@@ -76,14 +88,18 @@ class Runtime:
         t_ray = time.perf_counter()
         try:
             placement = plan_placement(c.cluster, world)
-            plan = plan_rewards(c.reward, use_opd=c.opd.use_opd, opd_type=c.opd.opd_type,
-                                opd_task_rm_path=c.opd.opd_task_rm_path)
-            args = c.args_with(opd_task_rm_path=plan.opd_task)
+            plan = _plan(c)
             manager = ray.remote(RolloutManager).options(num_cpus=1, max_concurrency=64).remote(
-                c.rollout, c.model.hf_checkpoint, args, plan, engine_kind=engine_kind(c, placement.device),
-                vocab_size=c.derived["vocab_size"], log_dir=c.log.output_dir, engine_threads=engine_threads)
+                c.rollout, c.model.hf_checkpoint, c.args_with(opd_task_rm_path=plan.opd_task), plan,
+                engine_kind=engine_kind(c, placement.device), vocab_size=c.derived["vocab_size"],
+                log_dir=c.log.output_dir, engine_threads=engine_threads,
+                host="127.0.0.1" if c.cluster.ray_address is None else "node")
             engines = manager.start.remote()                       # engines start while the trainers build
-            trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement)
+            try:
+                trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement)
+            except BaseException:
+                ray.kill(manager)
+                raise
             t_trainers = time.perf_counter()
             try:
                 ray.get(engines)
@@ -94,13 +110,25 @@ class Runtime:
             print(f"[opd-train] started in {time.perf_counter() - t0:.1f} s (ray {t_ray - t0:.1f} s, {world} trainer "
                   f"rank(s) on {placement.device} {t_trainers - t_ray:.1f} s, {c.rollout.rollout_num_engines} "
                   f"engine(s) ready {time.perf_counter() - t_ray:.1f} s after ray)", flush=True)
-            return cls(manager, trainers, plan, started)
+            return cls(manager, trainers, plan, started, _key(c, placement.device))
         except BaseException:
             if started:
                 ray.shutdown()
             raise
 
-    def close(self) -> None:
+    def reconfigure(self, c: Config, save_dir: str) -> None:
+        """Reuse the live actors and engines for another run: fresh trainer state (model, optimizer, teacher,
+        checkpoint resume) from ``c``, the engines reloaded with the run's initial student weights."""
+        import ray
+        t0 = time.perf_counter()
+        self.plan = _plan(c)
+        configured = self.rollout.configure.remote(c.rollout, c.model.hf_checkpoint,
+                                                   c.args_with(opd_task_rm_path=self.plan.opd_task), self.plan)
+        self.trainers.reset(trainer_settings(c, save_dir))
+        ray.get(configured)
+        print(f"[opd-train] reused the warm runtime ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def close(self, *, shutdown_ray: bool = True) -> None:
         import ray
         try:
             ray.get(self.rollout.shutdown.remote(), timeout=60)
@@ -108,5 +136,66 @@ class Runtime:
             pass
         ray.kill(self.rollout)
         self.trainers.shutdown()
-        if self.started_ray:
+        if self.started_ray and shutdown_ray:
             ray.shutdown()
+
+
+def _plan(c: Config) -> RewardPlan:
+    return plan_rewards(c.reward, use_opd=c.opd.use_opd, opd_type=c.opd.opd_type,
+                        opd_task_rm_path=c.opd.opd_task_rm_path)
+
+
+# Warm runtimes: inside ``warm_runtimes()``, a finished run's actors and engines are kept and reused by the next
+# run with the same shape (the built-in experiment runs OPD then GRPO; the tests run many short runs). Process
+# start-up (Python + torch + Megatron imports, engine servers) is most of a short run's cost on CPU.
+_POOL: "OrderedDict[tuple, Runtime] | None" = None
+
+
+@contextmanager
+def warm_runtimes():
+    """Keep finished runs' runtimes warm for the next runs of this block; close them all at the end."""
+    global _POOL
+    if _POOL is not None:                       # nested: the outer context owns the pool
+        yield
+        return
+    _POOL = OrderedDict()
+    try:
+        yield
+    finally:
+        pool, _POOL = _POOL, None
+        started = any(rt.started_ray for rt in pool.values())
+        for rt in pool.values():
+            rt.close(shutdown_ray=False)
+        if started:
+            import ray
+            ray.shutdown()
+
+
+def acquire(c: Config, save_dir: str) -> Runtime:
+    """A runtime for this run: a warm one of the same shape when available, else a new one."""
+    if _POOL is not None:
+        import ray
+        if ray.is_initialized():
+            device = plan_placement(c.cluster, c.derived["world_size"]).device
+            rt = _POOL.pop(_key(c, device), None)
+            if rt is not None:
+                try:
+                    rt.reconfigure(c, save_dir)
+                    return rt
+                except BaseException:
+                    rt.close(shutdown_ray=False)
+                    raise
+        while _POOL:                            # another shape: free its resources (CPU/GPU slots) first
+            _POOL.popitem()[1].close(shutdown_ray=False)
+    return Runtime.start(c, save_dir)
+
+
+def release(rt: Runtime, *, healthy: bool, max_size: int = 1) -> None:
+    """Keep ``rt`` warm (inside ``warm_runtimes()``, after a run that ended cleanly) or close it."""
+    if _POOL is None or not healthy:
+        rt.close(shutdown_ray=_POOL is None)
+        return
+    _POOL[rt.key] = rt
+    while len(_POOL) > max_size:
+        _, old = _POOL.popitem(last=False)
+        old.close(shutdown_ray=False)

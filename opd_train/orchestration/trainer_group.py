@@ -39,6 +39,15 @@ class TrainerActor:
         self.ctx = ctx
         return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank, "step": self.trainer.step}
 
+    def reset(self, settings: TrainerSettings) -> int:
+        """A fresh trainer (model, optimizer, teacher, resume) in this warm process; same parallel layout."""
+        import gc
+        from .opd_trainer import OPDTrainer
+        self.trainer = None
+        gc.collect()
+        self.trainer = OPDTrainer(settings, self.ctx)
+        return self.trainer.step
+
     def forward(self, batch: TrainBatch, kwargs: dict):
         return self.trainer.forward(batch, **kwargs)
 
@@ -96,6 +105,11 @@ class TrainerGroup:
                                         threads=threads_per_rank) for i, a in enumerate(actors)])
         ranks = [_Rank(a, info["rank"], info["dp_rank"], info["tp_rank"]) for a, info in zip(actors, infos)]
         return cls(ranks, settings.parallel.tensor_parallel, pg)
+
+    def reset(self, settings: TrainerSettings) -> None:
+        if settings.parallel.tensor_parallel != self.tp:
+            raise ValueError("a warm trainer group keeps its tensor-parallel size")
+        _ray().get([r.actor.reset.remote(settings) for r in self.ranks])
 
     # ---- batch splitting ---------------------------------------------------------------------------------
     def _shares(self, n: int) -> list[list[int]]:

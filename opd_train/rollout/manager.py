@@ -60,16 +60,41 @@ def _status(finish_reason: str) -> Status:
     return {"stop": Status.COMPLETED, "length": Status.TRUNCATED}.get(finish_reason, Status.ABORTED)
 
 
+class EngineServer:
+    """Ray actor owning one engine server process (placed with the engine's GPUs; see RolloutManager.start)."""
+
+    def launch(self, kind: str, hf_dir: str, cfg: RolloutConfig, host: str, threads: int | None,
+               log: str | None) -> str:
+        from .engines import launch_cpu_engine, launch_sglang_server
+        if host == "node":          # multi-node: reachable from the manager's node (the engines have no auth:
+            import ray              # keep clusters on a private network)
+            host = ray.util.get_node_ip_address()
+        if kind == "sglang":
+            extra = tuple(["--tp", str(cfg.rollout_num_gpus_per_engine), "--skip-tokenizer-init"]
+                          + (cfg.sglang_extra_args or "").split())
+            self.server = launch_sglang_server(hf_dir, host=host, extra_args=extra, log_path=log)
+        else:
+            self.server = launch_cpu_engine(hf_dir, host=host, num_threads=threads, log_path=log)
+        return self.server.url
+
+    def stop(self) -> None:
+        if getattr(self, "server", None) is not None:
+            self.server.stop()
+
+
 class RolloutManager:
     """Ray async actor (``ray.remote(RolloutManager)``); every method runs on the actor's event loop."""
 
     def __init__(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan, *, engine_kind: str,
-                 vocab_size: int, log_dir: str | None = None, engine_threads: int | None = None):
+                 vocab_size: int, log_dir: str | None = None, engine_threads: int | None = None,
+                 host: str = "127.0.0.1"):
         self.cfg, self.hf_dir, self.plan = rollout, hf_dir, plan
         self.args = args
         self.engine_kind, self.vocab_size = engine_kind, vocab_size
         self.log_dir, self.engine_threads = log_dir, engine_threads
         self.engines: list = []
+        self.servers: list = []
+        self.host = host
         from .data import load_tokenizer
         self.tokenizer = load_tokenizer(hf_dir)
         self._fns: dict[str, Callable] = {}
@@ -83,20 +108,35 @@ class RolloutManager:
 
     # ---- engines -----------------------------------------------------------------------------------------
     async def start(self) -> list[str]:
-        """Launch the student engines (subprocesses) and wait until they are healthy; returns their URLs."""
-        from .engines import SGLangEngine, launch_cpu_engine, launch_sglang_server
+        """Launch the student engines and wait until they are healthy; returns their URLs.
+
+        Each server is started by its own :class:`EngineServer` actor holding ``--rollout-num-gpus-per-engine``
+        GPUs on GPU clusters (Ray sets the actor's CUDA_VISIBLE_DEVICES, which the server process inherits, so
+        engines never share a GPU with each other or with trainer ranks); on CPU the actors hold no resources.
+        """
         import os
-        for i in range(self.cfg.rollout_num_engines):
-            log = os.path.join(self.log_dir, f"engine{i}.log") if self.log_dir else None
-            if self.engine_kind == "sglang":
-                extra = tuple(["--tp", str(self.cfg.rollout_num_gpus_per_engine), "--skip-tokenizer-init"]
-                              + (self.cfg.sglang_extra_args or "").split())
-                server = await asyncio.to_thread(launch_sglang_server, self.hf_dir, extra_args=extra, log_path=log)
-            else:
-                server = await asyncio.to_thread(launch_cpu_engine, self.hf_dir, num_threads=self.engine_threads,
-                                                 log_path=log)
-            self.engines.append(SGLangEngine(server=server, vocab_size=self.vocab_size))
-        return [e.url for e in self.engines]
+
+        import ray
+
+        from .engines import SGLangEngine
+        gpus = self.cfg.rollout_num_gpus_per_engine if self.engine_kind == "sglang" else 0
+        remote = ray.remote(EngineServer).options(num_cpus=0, num_gpus=gpus)
+        self.servers = [remote.remote() for _ in range(self.cfg.rollout_num_engines)]
+        urls = await asyncio.gather(*(
+            server.launch.remote(self.engine_kind, self.hf_dir, self.cfg, self.host, self.engine_threads,
+                                 os.path.join(self.log_dir, f"engine{i}.log") if self.log_dir else None)
+            for i, server in enumerate(self.servers)))
+        self.engines = [SGLangEngine(url, vocab_size=self.vocab_size) for url in urls]
+        return list(urls)
+
+    async def configure(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan) -> None:
+        """Serve another run with the same engines: its settings, reward functions and initial weights."""
+        if hf_dir != self.hf_dir:
+            from .data import load_tokenizer
+            self.tokenizer = load_tokenizer(hf_dir)
+        self.cfg, self.args, self.plan, self.hf_dir = rollout, args, plan, hf_dir
+        self._fns = {}
+        await self.update_weights(hf_dir, "initial")
 
     async def update_weights(self, hf_dir: str, version: str) -> float:
         """Every engine loads the trainer's exported HF directory; returns the seconds it took."""
@@ -105,9 +145,14 @@ class RolloutManager:
         return time.perf_counter() - start
 
     async def shutdown(self) -> None:
+        import ray
         for e in self.engines:
             await asyncio.to_thread(e.shutdown)
         self.engines = []
+        await asyncio.gather(*(server.stop.remote() for server in self.servers), return_exceptions=True)
+        for server in self.servers:
+            ray.kill(server)
+        self.servers = []
         from .on_policy_distillation import close_teachers
         close_teachers()
 

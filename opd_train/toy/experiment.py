@@ -124,10 +124,12 @@ def run_experiment(user: dict) -> dict:
         if exp.experiment_baseline:
             runs["grpo"] = _baseline_values(opd_values, exp.experiment_baseline_lr, os.path.join(out, "grpo"))
         results = {}
+        from ..orchestration.runtime import warm_runtimes
         from ..train import run
-        for name, values in runs.items():
-            print(f"[experiment] {name} run -> {values['output_dir']}", flush=True)
-            results[name] = run(validate(build_config(values)))
+        with warm_runtimes():               # the baseline reuses the OPD run's actors and engines
+            for name, values in runs.items():
+                print(f"[experiment] {name} run -> {values['output_dir']}", flush=True)
+                results[name] = run(validate(build_config(values)))
     finally:
         teacher.stop()
         if started_ray:

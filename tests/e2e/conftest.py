@@ -39,9 +39,13 @@ def teacher_dist(toy):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
+    """One local Ray cluster; runs of the same shape reuse warm actors and engines (like the experiment does)."""
     import ray
+
+    from opd_train.orchestration.runtime import warm_runtimes
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    with warm_runtimes():
+        yield
     ray.shutdown()
 
 
