@@ -307,8 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             meta, typ = f.metadata, _field_type(cls, f.name)
             help_text = f"{meta['help']} (default: {f.default})"
             if typ is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                   help=help_text)
+                # "--no-x" fields (slime's --no-load-optim, ...) are plain switches: argparse's BooleanOptionalAction
+                # would read a "--no-" prefix as "False".
+                action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+                group.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
                 continue
             conv = {int: int, float: float, str: str}[typ]
             group.add_argument(flag, type=conv, default=argparse.SUPPRESS, choices=meta["choices"],
@@ -576,9 +578,6 @@ def _validate_batches(c: Config, world: int) -> None:
     if gbs < 1 or total % gbs:
         _fail(f"--global-batch-size {gbs} must divide rollout_batch_size * n_samples_per_prompt = {total} (the "
               "rollout is split into whole optimizer steps)")
-    if a.advantage_estimator in GROUP_ESTIMATORS and gbs % ro.n_samples_per_prompt:
-        _fail(f"--global-batch-size {gbs} must be a multiple of --n-samples-per-prompt {ro.n_samples_per_prompt} "
-              "(groups stay together)")
     if world % t.tensor_model_parallel_size:
         _fail(f"--tensor-model-parallel-size {t.tensor_model_parallel_size} must divide the trainer world size "
               f"{world} (--actor-num-nodes x --actor-num-gpus-per-node)")

@@ -78,6 +78,7 @@ def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dic
                     batch, adv.advantages, scored.logprobs, loss=loss_settings(cfg.algo),
                     global_batch_size=cfg.train.global_batch_size or len(batch), ref_logprobs=scored.ref_logprobs,
                     returns=adv.returns, old_values=scored.values, opd_full_kl_coef=o.opd_kl_coef if full else None,
+                    shuffle_seed=cfg.train.seed * 1_000_003 + step,
                     teacher_rows=teacher_rows(samples, cfg.derived["vocab_size"]) if full and o.opd_type == "sglang"
                     else None)
             with t("weight_sync"):

@@ -53,6 +53,11 @@ class SFTSettings:
     batch_size: int
     seed: int
     warmup: int = 50
+    # Stop early once greedy accuracy on a validation sample of training-side pairs reaches this (checked every
+    # ``check_every`` steps): the student's SFT is stopped at a target strength, which is far more reproducible
+    # than a fixed step count (the carry is learnt in a sharp, seed-dependent transition).
+    stop_at_accuracy: float | None = None
+    check_every: int = 10
 
     def key(self) -> str:
         blob = json.dumps({"task": TASK_VERSION, **asdict(self)}, sort_keys=True)
@@ -99,6 +104,7 @@ def train_sft(settings: SFTSettings, *, log=print) -> torch.nn.Module:
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / settings.warmup))
     rng = random.Random(settings.seed)
+    validation = task.sample_pairs(random.Random(settings.seed + 999), 256, held_out=False)
     model.train()
     for step in range(settings.steps):
         ids, labels = _batch(task.sample_pairs(rng, settings.batch_size, held_out=False))
@@ -109,8 +115,15 @@ def train_sft(settings: SFTSettings, *, log=print) -> torch.nn.Module:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % max(1, settings.steps // 4) == 0:
+        if settings.stop_at_accuracy is not None and (step + 1) % settings.check_every == 0:
+            acc = greedy_accuracy(model, validation)
+            model.train()
+            if acc >= settings.stop_at_accuracy:
+                log(f"  sft step {step + 1}: validation accuracy {acc:.1%} >= {settings.stop_at_accuracy:.0%}, stop")
+                break
+        elif (step + 1) % max(1, settings.steps // 4) == 0:
             log(f"  sft step {step + 1}/{settings.steps} loss {loss.item():.3f}")
+    model.sft_steps = step + 1
     return model
 
 
@@ -128,6 +141,7 @@ def build_sft_model(settings: SFTSettings, cache_dir: str, name: str, *, eval_pa
     model = train_sft(settings, log=log)
     seconds = time.perf_counter() - start
     meta = {"name": name, "settings": asdict(settings), "sft_seconds": round(seconds, 1),
+            "sft_steps": getattr(model, "sft_steps", settings.steps),
             "greedy_accuracy": greedy_accuracy(model, eval_pairs),
             "params": sum(p.numel() for p in model.parameters())}
     tmp = f"{final}.tmp{os.getpid()}"

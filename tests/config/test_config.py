@@ -83,6 +83,15 @@ def test_defaults_and_args_view(env):
     assert full.args.opd_teacher_topk == -1                # the full teacher distribution is fetched
 
 
+def test_boolean_flags(env):
+    c = check(env["base"] + ["--rm-type", "exact_match", "--no-progress", "--no-tensorboard", "--no-load-optim",
+                             "--normalize-advantages", "--no-experiment-baseline"])
+    assert c.log.no_progress and c.log.no_tensorboard and c.checkpoint.no_load_optim and c.algo.normalize_advantages
+    assert not c.experiment.experiment_baseline
+    d = check(env["base"] + ["--rm-type", "exact_match"])
+    assert not d.log.no_progress and not d.checkpoint.no_load_optim and d.experiment.experiment_baseline
+
+
 def test_paths_become_absolute(env, monkeypatch):
     monkeypatch.chdir(env["tmp"])
     c = check(["--hf-checkpoint", "student", "--prompt-data", "train.jsonl", "--rm-type", "exact_match"])
@@ -196,8 +205,6 @@ INVALID = [
     (["--rm-type", "exact_match", "--global-batch-size", "48"],
      "--global-batch-size 48 must divide rollout_batch_size * n_samples_per_prompt = 128 (the rollout is split into "
      "whole optimizer steps)"),
-    (["--rm-type", "exact_match", "--global-batch-size", "2", "--rollout-batch-size", "4"],
-     "--global-batch-size 2 must be a multiple of --n-samples-per-prompt 4 (groups stay together)"),
     (["--rm-type", "exact_match", "--actor-num-gpus-per-node", "3", "--tensor-model-parallel-size", "2"],
      "--tensor-model-parallel-size 2 must divide the trainer world size 3 (--actor-num-nodes x "
      "--actor-num-gpus-per-node)"),
