@@ -16,7 +16,8 @@ from .orchestration.runtime import Runtime, acquire, release
 from .orchestration.step import (compute_step_advantages, loss_settings, rollout_metrics, teacher_logprobs,
                                  teacher_rows, to_train_batch)
 from .rollout.data import PromptDataset, load_prompts, load_tokenizer
-from .orchestration.support import Timer, TeacherUnavailable, as_teacher_failure, eval_settings, save_dir_of
+from .orchestration.support import (Timer, TeacherUnavailable, as_teacher_failure, eval_settings, preflight_teacher,
+                                    save_dir_of)
 
 
 def run(cfg: Config) -> dict:
@@ -31,6 +32,8 @@ def run(cfg: Config) -> dict:
         d.eval_prompt_data, tok, input_key=d.input_key, label_key=d.label_key,
         apply_chat_template=d.apply_chat_template, max_prompts=d.eval_max_prompts, require_labels=True)
     dataset = PromptDataset(train_prompts, shuffle=d.rollout_shuffle, seed=cfg.rollout.rollout_seed)
+    if cfg.opd.use_opd and cfg.opd.opd_type == "sglang":
+        preflight_teacher(cfg)                  # fail before Ray, trainers and engines start
     rt = acquire(cfg, save_dir_of(cfg))
     healthy = False
     try:

@@ -65,6 +65,61 @@ def as_teacher_failure(exc: BaseException, cfg: Config) -> BaseException:
     return exc
 
 
+def _get_json(url: str, timeout: float):
+    import json
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def preflight_teacher(cfg: Config, *, attempts: int = 3) -> dict:
+    """Before anything starts (SGLang mode): the teacher answers ``/health`` and shares the student's vocabulary.
+
+    The vocabulary is compared through the teacher's model directory when the server reports one that is readable
+    here (``/get_model_info``: ``config.json`` vocab_size and ``tokenizer.json``), else through the ``vocab_size``
+    that our CPU engine reports in ``/get_server_info``. Raises TeacherUnavailable / ConfigError.
+    """
+    import json
+
+    from ..config import ConfigError
+    base = cfg.reward.rm_url.rstrip("/").removesuffix("/generate")
+    last = None
+    for attempt in range(attempts):
+        try:
+            _get_json(f"{base}/health", cfg.opd.opd_teacher_timeout)
+            break
+        except Exception as exc:  # noqa: BLE001 - any failure to answer means "not reachable"
+            last = exc
+            time.sleep(min(2.0 ** attempt, 5.0))
+    else:
+        raise TeacherUnavailable(f"the teacher at {base} is not reachable ({last}); start it first (GPU: python -m "
+                                 f"sglang.launch_server --model-path TEACHER ...; CPU: opd-train serve --model "
+                                 f"TEACHER --port PORT) and check --rm-url", url=base)
+    facts: dict = {}
+    try:
+        info = _get_json(f"{base}/get_model_info", cfg.opd.opd_teacher_timeout) or {}
+        server = _get_json(f"{base}/get_server_info", cfg.opd.opd_teacher_timeout) or {}
+    except Exception:  # noqa: BLE001 - servers without these endpoints: nothing more to check
+        return facts
+    student_vocab = cfg.derived.get("vocab_size")
+    path = info.get("model_path") or ""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            facts["vocab_size"] = json.load(f).get("vocab_size")
+        mine, theirs = (os.path.join(d, "tokenizer.json") for d in (cfg.model.hf_checkpoint, path))
+        if os.path.isfile(mine) and os.path.isfile(theirs):
+            with open(mine) as a, open(theirs) as b:
+                if json.load(a).get("model", {}).get("vocab") != json.load(b).get("model", {}).get("vocab"):
+                    raise ConfigError(f"the teacher's tokenizer ({path}) maps tokens differently from the student's "
+                                      f"({cfg.model.hf_checkpoint}); OPD compares the same token ids")
+    elif isinstance(server.get("vocab_size"), int):
+        facts["vocab_size"] = server["vocab_size"]
+    if facts.get("vocab_size") is not None and student_vocab is not None and facts["vocab_size"] != student_vocab:
+        raise ConfigError(f"the teacher at {base} has vocab_size {facts['vocab_size']} but the student has "
+                          f"{student_vocab}; OPD needs one shared tokenizer")
+    return facts
+
+
 def save_dir_of(cfg: Config) -> str:
     """Where checkpoints go: ``--save``, else ``OUTPUT_DIR/checkpoints`` (used for the failure checkpoint)."""
     return cfg.checkpoint.save or os.path.join(cfg.log.output_dir, "checkpoints")
