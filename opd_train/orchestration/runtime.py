@@ -16,6 +16,7 @@ from ..backends.megatron import (BatchingSettings, CheckpointSettings, CriticSet
 from ..config import Config
 from ..rollout.manager import RewardPlan, RolloutManager, plan_rewards
 from .cluster import plan_placement, start_ray
+from .serialization import register_fast_tensor_serializer
 from .trainer_group import TrainerGroup
 
 
@@ -85,6 +86,7 @@ class Runtime:
         t0 = time.perf_counter()
         world = c.derived["world_size"]
         started = start_ray(c.cluster, min_cpus=world + 1)
+        register_fast_tensor_serializer()
         t_ray = time.perf_counter()
         try:
             placement = plan_placement(c.cluster, world)

@@ -29,6 +29,8 @@ class TrainerActor:
 
     def setup(self, *, rank: int, world_size: int, master: tuple[str, int], settings: TrainerSettings,
               threads: int | None) -> dict:
+        from .serialization import register_fast_tensor_serializer
+        register_fast_tensor_serializer()
         if threads:
             torch.set_num_threads(threads)
         from ..backends.megatron import init_distributed
@@ -51,13 +53,21 @@ class TrainerActor:
     def forward(self, batch: TrainBatch, kwargs: dict):
         return self.trainer.forward(batch, **kwargs)
 
-    def train_step(self, batch: TrainBatch, advantages, old_logprobs, ref_logprobs, teacher_rows,
-                   kwargs: dict) -> dict:
-        return self.trainer.train_step(batch, advantages, old_logprobs, ref_logprobs=ref_logprobs,
-                                       teacher_rows=teacher_rows, **kwargs)
-
-    def train_critic_step(self, batch: TrainBatch, returns, old_values, kwargs: dict) -> dict:
-        return self.trainer.train_critic_step(batch, returns, old_values, **kwargs)
+    def train_steps(self, steps: list[dict]) -> list[dict]:
+        """Optimizer steps in order (this rank's share of each minibatch): critic first (ppo), then the actor."""
+        out = []
+        for st in steps:
+            kw = st["kwargs"]
+            metrics = {}
+            if st["returns"] is not None:
+                critic = self.trainer.train_critic_step(st["batch"], st["returns"], st["old_values"], loss=kw["loss"],
+                                                        num_samples=kw["num_samples"], num_tokens=kw["num_tokens"])
+                metrics.update({f"critic/{k}": v for k, v in critic.items()})
+            metrics.update(self.trainer.train_step(st["batch"], st["advantages"], st["old_logprobs"],
+                                                   ref_logprobs=st["ref_logprobs"], teacher_rows=st["teacher_rows"],
+                                                   **kw))
+            out.append(metrics)
+        return out
 
     def save_checkpoint(self, directory: str, step: int) -> str:
         return self.trainer.save_checkpoint(directory, step)
@@ -164,34 +174,34 @@ class TrainerGroup:
               global_batch_size: int, loss: LossSettings, ref_logprobs=None, returns=None, old_values=None,
               opd_full_kl_coef: float | None = None, teacher_rows=None, shuffle_seed: int = 0) -> dict[str, float]:
         """Optimizer steps over the rollout in minibatches of ``global_batch_size`` samples (a random partition
-        seeded by ``shuffle_seed``), each split over the DP ranks.
+        seeded by ``shuffle_seed``), each split over the DP ranks; ONE Ray call per rank carries all of them.
 
         ``opd_full_kl_coef`` adds the exact-KL loss (``--opd-kl-mode full``; ``teacher_rows`` per sample from an
         SGLang teacher, or None for the Megatron teacher). Returns the metrics averaged over the optimizer steps
         (critic metrics prefixed ``critic/``).
         """
-        steps = []
         # Minibatches are a seeded random partition of the rollout (advantages are already computed per group):
         # measured on the toy task, contiguous minibatches (whole prompt groups) learn markedly slower.
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        per_rank: list[list[dict]] = [[] for _ in self.ranks]
         for start in range(0, len(batch), global_batch_size):
             idx = sorted(order[start:start + global_batch_size])
-            sub = self._sub_batch(batch, idx)
+            masks = [batch.mask(i) for i in idx]
             kwargs = {"loss": loss, "num_samples": float(len(idx)) if loss.reduction == "sample_mean" else None,
-                      "num_tokens": float(sum(sum(sub.mask(i)) for i in range(len(sub))))
-                      if loss.reduction == "token_mean" else None}
-            metrics = {}
-            if returns is not None:
-                per_dp, _ = self._call("train_critic_step", sub, {"r": self._take(returns, idx),
-                                                                  "v": self._take(old_values, idx)}, kwargs)
-                metrics.update({f"critic/{k}": v for k, v in per_dp[0].items()})
-            per_dp, _ = self._call("train_step", sub, {"a": self._take(advantages, idx),
-                                                       "o": self._take(old_logprobs, idx),
-                                                       "r": self._take(ref_logprobs, idx),
-                                                       "t": self._take(teacher_rows, idx)},
-                                   {**kwargs, "opd_full_kl_coef": opd_full_kl_coef})
-            metrics.update(per_dp[0])
-            steps.append(metrics)
+                      "num_tokens": float(sum(sum(m) for m in masks)) if loss.reduction == "token_mean" else None}
+            shares = self._shares(len(idx))
+            if any(not sh for sh in shares):
+                raise ValueError(f"a minibatch of {len(idx)} samples cannot be split over {self.dp} DP ranks")
+            for k, r in enumerate(self.ranks):
+                mine = [idx[j] for j in shares[r.dp_rank]]
+                per_rank[k].append({
+                    "batch": self._sub_batch(batch, mine), "advantages": self._take(advantages, mine),
+                    "old_logprobs": self._take(old_logprobs, mine), "ref_logprobs": self._take(ref_logprobs, mine),
+                    "teacher_rows": self._take(teacher_rows, mine), "returns": self._take(returns, mine),
+                    "old_values": self._take(old_values, mine),
+                    "kwargs": {**kwargs, "opd_full_kl_coef": opd_full_kl_coef}})
+        results = _ray().get([r.actor.train_steps.remote(per_rank[k]) for k, r in enumerate(self.ranks)])
+        steps = results[0]                       # metrics are global (reduced over DP inside the backend)
         return {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]} | {"optimizer_steps": len(steps)}
 
     def save_checkpoint(self, directory: str, step: int) -> str:

@@ -88,6 +88,8 @@ class RolloutManager:
     def __init__(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan, *, engine_kind: str,
                  vocab_size: int, log_dir: str | None = None, engine_threads: int | None = None,
                  host: str = "127.0.0.1"):
+        from ..orchestration.serialization import register_fast_tensor_serializer
+        register_fast_tensor_serializer()
         self.cfg, self.hf_dir, self.plan = rollout, hf_dir, plan
         self.args = args
         self.engine_kind, self.vocab_size = engine_kind, vocab_size

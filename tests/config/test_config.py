@@ -310,11 +310,11 @@ def test_cli_reports_errors_before_anything_starts(env, monkeypatch, capsys):
     monkeypatch.setattr(runtime.Runtime, "start", boom)
     monkeypatch.setattr(experiment, "build_sft_model", boom)
     monkeypatch.setattr(experiment, "launch_cpu_engine", boom, raising=False)
+    monkeypatch.setattr(experiment, "start_ray", boom)
+    monkeypatch.setattr(runtime, "start_ray", boom)
     for argv in (env["base"] + ["--use-opd"], ["--opd-type", "sglang", "--opd-teacher-ckpt-step", "3"],
                  ["--opd-kl-coef", "-3"], ["--rollout-temperature", "0.5", "--opd-kl-mode", "sampled"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2
         assert "opd-train: error: " in capsys.readouterr().err
-    import ray
-    assert not ray.is_initialized()
