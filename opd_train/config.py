@@ -205,6 +205,7 @@ class ExperimentConfig:
                                           "baseline skips it)")
     experiment_baseline_lr: float = opt(3e-4, "learning rate of the GRPO baseline (its best stable value)")
     experiment_fast: bool = opt(False, "a shortened run for tests (fewer steps and prompts)")
+    experiment_seed: int = opt(0, "seed of the whole experiment (SFT of both models, rollouts, minibatches)")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "reward": RewardConfig,

@@ -42,22 +42,25 @@ class Plan:
     run_defaults: dict           # flag values of the OPD run (user flags override them)
 
 
-def plan(fast: bool) -> Plan:
-    """The experiment's settings (``fast``: a short run for tests; same models, fewer steps)."""
+def plan(fast: bool, seed: int = 0) -> Plan:
+    """The experiment's settings (``fast``: a short run for tests; ``seed`` moves every seed of the experiment)."""
     defaults = dict(rollout_batch_size=128, n_samples_per_prompt=4, global_batch_size=128, num_rollout=60,
                     rollout_max_response_len=6, rollout_temperature=1.0, lr=1e-3, lr_decay_style="cosine",
                     min_lr=0.0, adam_beta2=0.98, clip_grad=1.0,
                     use_opd=True, opd_type="sglang", opd_kl_mode="full", opd_kl_coef=1.0, eval_interval=10,
                     eval_temperature=0.0, eval_rm_type="exact_match", eval_max_response_len=6,
-                    advantage_estimator="grpo", rollout_shuffle=True, max_tokens_per_gpu=512)
+                    advantage_estimator="grpo", rollout_shuffle=True, max_tokens_per_gpu=512,
+                    rollout_seed=42 + seed, seed=1234 + seed)
     if fast:      # exercises every piece in seconds; the numbers of the table are meaningless
         defaults.update(rollout_batch_size=4, global_batch_size=8, num_rollout=2, eval_interval=2,
                         max_tokens_per_gpu=512)
-        return Plan(teacher_sft=SFTSettings(STUDENT, steps=30, lr=3e-3, batch_size=32, seed=0),
-                    student_sft=SFTSettings(STUDENT, steps=5, lr=1e-3, batch_size=32, seed=1),
+        return Plan(teacher_sft=SFTSettings(STUDENT, steps=30, lr=3e-3, batch_size=32, seed=2 * seed),
+                    student_sft=SFTSettings(STUDENT, steps=5, lr=1e-3, batch_size=32, seed=2 * seed + 1),
                     train_prompts=256, eval_prompts=16, run_defaults=defaults)
-    return Plan(teacher_sft=SFTSettings(TEACHER, steps=400, lr=1e-3, batch_size=128, seed=0),
-                student_sft=SFTSettings(STUDENT, steps=800, lr=1e-3, batch_size=128, seed=1, stop_at_accuracy=0.4),
+    return Plan(teacher_sft=SFTSettings(TEACHER, steps=1200, lr=1e-3, batch_size=128, seed=2 * seed,
+                                        stop_at_accuracy=0.985, check_every=25),
+                student_sft=SFTSettings(STUDENT, steps=800, lr=1e-3, batch_size=128, seed=2 * seed + 1,
+                                        stop_at_accuracy=0.4),
                 train_prompts=20000, eval_prompts=512, run_defaults=defaults)
 
 
@@ -101,7 +104,7 @@ def run_experiment(user: dict) -> dict:
     from ..rollout.engines import launch_cpu_engine
     from .report import evaluate_teacher, write_results
     exp = build_config({k: v for k, v in user.items() if k.startswith("experiment_")}).experiment
-    plan_ = plan(exp.experiment_fast)
+    plan_ = plan(exp.experiment_fast, exp.experiment_seed)
     _check_user_flags(plan_, user)
     out = user.get("output_dir") or "runs/opd"
     os.makedirs(out, exist_ok=True)
