@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 from .config import Config
 from .observability import RunLogger
@@ -46,8 +45,8 @@ def run(cfg: Config) -> dict:
 
 def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dict:
     import ray
-    ro, o = cfg.rollout, cfg.opd
-    start = rt.trainers.step() if cfg.checkpoint.load else 0
+    ro, ck = cfg.rollout, cfg.checkpoint
+    start = rt.trainers.step() if ck.load else 0
     log = RunLogger(cfg.log, total_steps=ro.num_rollout, start_step=start, name=os.path.basename(cfg.log.output_dir))
     weights_dir = os.path.join(cfg.log.output_dir, "weights", "actor")
     if start:                                                   # resumed: engines must serve the trained weights
@@ -57,47 +56,14 @@ def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dic
     step = start
     try:
         for step in range(start + 1, ro.num_rollout + 1):
-            t = Timer()
-            with t("rollout"):
-                try:
-                    samples, timing = ray.get(rt.rollout.generate.remote(dataset.batch(step - 1,
-                                                                                       ro.rollout_batch_size), step))
-                except Exception as exc:                        # noqa: BLE001 - classified just below
-                    raise as_teacher_failure(exc, cfg) from exc
-                batch = to_train_batch(samples)
-            with t("forward"):
-                megatron_teacher = o.use_opd and o.opd_type == "megatron"
-                scored = rt.trainers.forward(batch, actor=True, with_entropy=True, teacher=megatron_teacher,
-                                             ref=cfg.algo.kl_coef > 0 or cfg.algo.use_kl_loss,
-                                             values=cfg.algo.advantage_estimator == "ppo")
-            with t("advantages"):
-                adv = compute_step_advantages(
-                    cfg.algo, o, samples=samples, group_size=ro.n_samples_per_prompt, old_logprobs=scored.logprobs,
-                    teacher_lp=teacher_logprobs(samples, scored.teacher_logprobs) if o.use_opd else None,
-                    ref_logprobs=scored.ref_logprobs, values=scored.values)
-            with t("train"):
-                full = o.use_opd and o.opd_kl_mode == "full"
-                train_metrics = rt.trainers.train(
-                    batch, adv.advantages, scored.logprobs, loss=loss_settings(cfg.algo),
-                    global_batch_size=cfg.train.global_batch_size or len(batch), ref_logprobs=scored.ref_logprobs,
-                    returns=adv.returns, old_values=scored.values, opd_full_kl_coef=o.opd_kl_coef if full else None,
-                    shuffle_seed=cfg.train.seed * 1_000_003 + step,
-                    teacher_rows=teacher_rows(samples, cfg.derived["vocab_size"]) if full and o.opd_type == "sglang"
-                    else None)
-            with t("weight_sync"):
-                ray.get(rt.rollout.update_weights.remote(rt.trainers.export_hf(weights_dir), f"step-{step}"))
-            metrics = {**rollout_metrics(samples), **adv.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
-                       **timing, **t.metrics(len(batch))}
-            if scored.entropy is not None:
-                metrics["train/entropy"] = sum(float(e.sum()) for e in scored.entropy) / batch.num_response_tokens()
-            log.log(step, metrics)
-            if cfg.data.eval_interval and step % cfg.data.eval_interval == 0 or step == ro.num_rollout:
+            prompts = dataset.batch(step - 1, ro.rollout_batch_size)
+            log.log(step, _rollout_step(cfg, rt, prompts, step, weights_dir))
+            if _due(cfg.data.eval_interval, step, ro.num_rollout) and eval_prompts is not None:
                 final = evaluate(step)
-            if cfg.checkpoint.save and (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
-                                        or step == ro.num_rollout):
-                rt.trainers.save_checkpoint(cfg.checkpoint.save, step)
+            if ck.save and _due(ck.save_interval, step, ro.num_rollout):
+                rt.trainers.save_checkpoint(ck.save, step)
             log.advance()
-    except TeacherUnavailable as exc:
+    except TeacherUnavailable as exc:                           # retries are exhausted: stop resumably
         path = rt.trainers.save_checkpoint(save_dir_of(cfg), step - 1)
         log.write(f"[opd-train] {exc}\n[opd-train] saved a resumable checkpoint of step {step - 1}: {path}; "
                   f"restart the teacher and resume with --load {save_dir_of(cfg)}")
@@ -105,3 +71,43 @@ def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dic
     finally:
         log.close()
     return {**log.last, **final, "step": step}
+
+
+def _due(interval: int | None, step: int, last: int) -> bool:
+    return step == last or bool(interval) and step % interval == 0
+
+
+def _rollout_step(cfg: Config, rt: Runtime, prompts, step: int, weights_dir: str) -> dict[str, float]:
+    """One step of the algorithm; returns its metrics."""
+    import ray
+    a, o, t = cfg.algo, cfg.opd, Timer()
+    with t("rollout"):                  # student samples; sglang mode: each is scored by the teacher as it finishes
+        try:
+            samples, timing = ray.get(rt.rollout.generate.remote(prompts, step))
+        except Exception as exc:        # noqa: BLE001 - a teacher that gave up becomes TeacherUnavailable
+            raise as_teacher_failure(exc, cfg) from exc
+        batch = to_train_batch(samples)
+    with t("forward"):                  # old log-probs (+ entropy, reference, Megatron teacher, critic values)
+        scored = rt.trainers.forward(batch, actor=True, with_entropy=True, ref=a.kl_coef > 0 or a.use_kl_loss,
+                                     teacher=o.use_opd and o.opd_type == "megatron",
+                                     values=a.advantage_estimator == "ppo")
+    with t("advantages"):               # base estimator -> A - coef * kl (sampled mode) -> whitening
+        adv = compute_step_advantages(
+            a, o, samples=samples, group_size=cfg.rollout.n_samples_per_prompt, old_logprobs=scored.logprobs,
+            teacher_lp=teacher_logprobs(samples, scored.teacher_logprobs) if o.use_opd else None,
+            ref_logprobs=scored.ref_logprobs, values=scored.values)
+    with t("train"):                    # policy loss (+ exact-KL loss in full mode), critic for ppo
+        full = o.use_opd and o.opd_kl_mode == "full"
+        rows = teacher_rows(samples, cfg.derived["vocab_size"]) if full and o.opd_type == "sglang" else None
+        trained = rt.trainers.train(
+            batch, adv.advantages, scored.logprobs, loss=loss_settings(a),
+            global_batch_size=cfg.train.global_batch_size or len(batch), ref_logprobs=scored.ref_logprobs,
+            returns=adv.returns, old_values=scored.values, opd_full_kl_coef=o.opd_kl_coef if full else None,
+            teacher_rows=rows, shuffle_seed=cfg.train.seed * 1_000_003 + step)
+    with t("weight_sync"):              # the engines serve the new weights for the next rollout
+        ray.get(rt.rollout.update_weights.remote(rt.trainers.export_hf(weights_dir), f"step-{step}"))
+    metrics = {**rollout_metrics(samples), **adv.metrics, **{f"train/{k}": v for k, v in trained.items()},
+               **timing, **t.metrics(len(batch))}
+    if scored.entropy is not None:
+        metrics["train/entropy"] = sum(float(e.sum()) for e in scored.entropy) / batch.num_response_tokens()
+    return metrics

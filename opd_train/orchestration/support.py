@@ -59,7 +59,8 @@ def as_teacher_failure(exc: BaseException, cfg: Config) -> BaseException:
     from ..rollout.manager import EndpointFailed
     cause = _root_cause(exc)
     url = cfg.reward.rm_url
-    if url and isinstance(cause, (RequestFailed, EndpointFailed)) and cause.url.startswith(url.rstrip("/").removesuffix("/generate")):
+    base = (url or "").rstrip("/").removesuffix("/generate")
+    if url and isinstance(cause, (RequestFailed, EndpointFailed)) and cause.url.startswith(base):
         return TeacherUnavailable(f"the teacher at {cause.url} did not answer after {cause.attempts} attempts "
                                   f"({cause}); the run stopped", url=cause.url)
     return exc

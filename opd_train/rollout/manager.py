@@ -33,7 +33,8 @@ class RewardPlan:
     opd_task: str | None = None     # the task reward handed to the OPD reward hook (sglang mode)
 
 
-def plan_rewards(reward: RewardConfig, *, use_opd: bool, opd_type: str | None, opd_task_rm_path: str | None) -> RewardPlan:
+def plan_rewards(reward: RewardConfig, *, use_opd: bool, opd_type: str | None,
+                 opd_task_rm_path: str | None) -> RewardPlan:
     builtin = dotted_name(get_reward_function(reward.rm_type)) if reward.rm_type else None
     metric = reward.eval_rm_type or reward.rm_type
     metric = dotted_name(get_reward_function(metric)) if metric else (reward.custom_rm_path if not use_opd else None)

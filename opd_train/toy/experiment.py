@@ -16,7 +16,6 @@ Flags given on the command line override the experiment's defaults for the OPD r
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess

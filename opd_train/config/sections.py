@@ -1,0 +1,278 @@
+"""The typed sections of the run configuration (one frozen dataclass per concern) and the :class:`Config`.
+
+Each field's ``--help`` text lives in its metadata (:func:`opt`); the command line is generated from these fields
+(:mod:`.parsing`), so the attribute names are the flag names (slime's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ESTIMATORS = ("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+GROUP_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")   # need >= 2 samples per prompt
+REWARD_NAMES = ("exact_match", "math")
+# Above this vocabulary size the teacher's full distribution over HTTP (top_logprobs_num = V per response token)
+# is refused: at V = 151936 one 1k-token response would be ~150M JSON numbers.
+MAX_FULL_KL_HTTP_VOCAB = 4096
+OPD_REWARD_FUNC = "opd_train.rollout.on_policy_distillation.reward_func"
+OPD_POST_PROCESS = "opd_train.rollout.on_policy_distillation.post_process_rewards"
+
+
+class ConfigError(ValueError):
+    """An invalid flag or flag combination (raised before anything starts)."""
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, metavar: str | None = None) -> Any:
+    """A config field with its ``--help`` text (and choices) in the metadata; argparse is built from these."""
+    return field(default=default, metadata={"help": help, "choices": choices, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The student (and optional reference) model."""
+    hf_checkpoint: str | None = opt(None, "student HF directory (config.json + safetensors + tokenizer); without "
+                                          "it, opd-train runs the built-in CPU experiment")
+    ref_load: str | None = opt(None, "reference model (HF dir or torch_dist checkpoint) for --kl-coef / "
+                                     "--use-kl-loss (default: the student's initial weights)")
+    critic_load: str | None = opt(None, "critic initialisation for --advantage-estimator ppo (default: the "
+                                        "student's HF checkpoint)")
+    bf16: bool = opt(False, "train in bf16 with fp32 master weights (GPU); default fp32")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prompts and evaluation."""
+    prompt_data: str | None = opt(None, "training prompts: a .jsonl or .parquet file", metavar="FILE")
+    input_key: str = opt("prompt", "column holding the prompt (text, or a chat message list)")
+    label_key: str | None = opt("label", "column holding the ground truth for task rewards (None: no labels)")
+    apply_chat_template: bool = opt(False, "format prompts with the tokenizer's chat template")
+    rollout_shuffle: bool = opt(False, "shuffle the prompts every epoch (seeded by --rollout-seed)")
+    eval_prompt_data: str | None = opt(None, "held-out prompts (.jsonl/.parquet) for pass@1", metavar="FILE")
+    eval_interval: int | None = opt(None, "evaluate every N rollout steps (and at the end)")
+    n_samples_per_eval_prompt: int = opt(1, "samples per eval prompt (pass@1 = mean over them)")
+    eval_temperature: float = opt(0.0, "eval sampling temperature (0 = greedy)")
+    eval_max_response_len: int | None = opt(None, "eval max new tokens (default: --rollout-max-response-len)")
+    eval_max_prompts: int | None = opt(None, "evaluate on the first N eval prompts only")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Student generation."""
+    rollout_batch_size: int = opt(32, "prompts per rollout step")
+    n_samples_per_prompt: int = opt(4, "samples per prompt (a GRPO group)")
+    num_rollout: int = opt(100, "rollout steps (each: generate -> score -> train -> sync weights)")
+    rollout_temperature: float = opt(1.0, "sampling temperature; log-probs are of logits / T (SPEC section 1)")
+    rollout_top_p: float = opt(1.0, "nucleus sampling (1 = off)")
+    rollout_top_k: int = opt(-1, "top-k sampling (-1 = off)")
+    rollout_max_response_len: int = opt(1024, "max new tokens per sample")
+    rollout_stop_token_ids: str | None = opt(None, "comma-separated extra stop token ids (EOS always stops)")
+    rollout_seed: int = opt(42, "seed of prompt order and sampling")
+    rollout_engine: str = opt("auto", "student engine: cpu (our SGLang-protocol engine), sglang (GPU), auto "
+                                      "(sglang when CUDA is present, else cpu)", choices=("auto", "cpu", "sglang"))
+    rollout_num_engines: int = opt(1, "number of student engine servers (samples are spread over them)")
+    rollout_num_gpus_per_engine: int = opt(1, "GPUs per SGLang engine (its --tp)")
+    sglang_extra_args: str | None = opt(None, "extra sglang.launch_server arguments, passed through untouched")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Task rewards."""
+    rm_type: str | None = opt(None, "built-in task reward: exact_match (answer == label) or math (\\boxed{} "
+                                    "extraction + normalisation)", choices=REWARD_NAMES)
+    custom_rm_path: str | None = opt(None, "dotted module.function reward (async or sync (args, sample))")
+    custom_reward_post_process_path: str | None = opt(None, "dotted module.function (args, samples) -> "
+                                                           "(raw_rewards, rewards)")
+    rm_url: str | None = opt(None, "teacher endpoint for --opd-type sglang, e.g. http://host:port/generate")
+    reward_key: str | None = opt(None, "key of the scalar reward when the reward function returns a dict")
+    eval_rm_type: str | None = opt(None, "reward of evaluation (pass@1) and of the logged rollout accuracy "
+                                         "(default: --rm-type)", choices=REWARD_NAMES)
+
+
+@dataclass(frozen=True)
+class OPDConfig:
+    """On-policy distillation: A'_t = A_t - opd_kl_coef * KL_t (SPEC section 1)."""
+    use_opd: bool = opt(False, "enable on-policy distillation (master switch)")
+    opd_type: str | None = opt(None, "where the teacher runs: sglang (HTTP server, --rm-url) or megatron "
+                                     "(in the trainer, --opd-teacher-load)", choices=("sglang", "megatron"))
+    opd_kl_coef: float = opt(1.0, "OPD penalty coefficient lambda (finite, >= 0)")
+    opd_kl_mode: str = opt("sampled", "sampled: estimator of the sampled token (--opd-kl-estimator); full: the "
+                                      "exact full-vocabulary reverse KL", choices=("sampled", "full"))
+    opd_kl_estimator: str | None = opt(None, "sampled-token estimator (default k1)", choices=("k1", "k2", "k3"))
+    opd_teacher_load: str | None = opt(None, "Megatron teacher checkpoint (torch_dist) or HF dir; megatron only")
+    opd_teacher_ckpt_step: int | None = opt(None, "teacher checkpoint iteration (default: the latest)")
+    offload_teacher: bool = opt(False, "keep the Megatron teacher's weights on CPU between uses (GPU)")
+    opd_task_rm_path: str | None = opt(None, "sglang mode: dotted task reward combined with OPD (default: the "
+                                             "--rm-type reward, else pure distillation)")
+    opd_teacher_timeout: float = opt(60.0, "seconds per teacher request attempt")
+    opd_teacher_max_retries: int = opt(5, "teacher retries (exponential backoff) before the run stops")
+    opd_teacher_concurrency: int = opt(64, "teacher requests in flight at most")
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """Advantage estimator and policy loss."""
+    advantage_estimator: str = opt("grpo", "base estimator OPD is applied on", choices=ESTIMATORS)
+    normalize_advantages: bool = opt(False, "whiten advantages over the global batch (always on for "
+                                            "reinforce_plus_plus*)")
+    disable_grpo_std_normalization: bool = opt(False, "GRPO: subtract the group mean only")
+    disable_rewards_normalization: bool = opt(False, "GRPO: use raw rewards (no group normalisation)")
+    gamma: float = opt(1.0, "discount (ppo, reinforce_plus_plus)")
+    lambd: float = opt(1.0, "GAE lambda (ppo)")
+    kl_coef: float = opt(0.0, "reference-KL reward penalty (ppo, reinforce_plus_plus*)")
+    use_kl_loss: bool = opt(False, "add a reference-KL loss term")
+    kl_loss_coef: float = opt(0.0, "coefficient of the reference-KL loss")
+    kl_loss_type: str = opt("k3", "reference-KL loss estimator", choices=("k1", "k2", "k3"))
+    eps_clip: float = opt(0.2, "PPO clip epsilon")
+    eps_clip_high: float | None = opt(None, "upper clip epsilon (default: --eps-clip)")
+    eps_clip_c: float | None = opt(None, "dual-clip constant (> 1)")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient")
+    calculate_per_token_loss: bool = opt(False, "token-sum loss over all tokens (default: per-sample mean)")
+    value_clip: float = opt(0.2, "critic value-loss clip (ppo)")
+    critic_lr: float | None = opt(None, "critic learning rate (default: --lr)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Trainer (Megatron-core) optimisation and parallelism."""
+    global_batch_size: int | None = opt(None, "samples per optimizer step (default: one step per rollout); "
+                                              "rollout_batch_size * n_samples_per_prompt must be a multiple")
+    lr: float = opt(1e-6, "learning rate")
+    min_lr: float = opt(0.0, "minimum learning rate of the decay")
+    lr_decay_style: str = opt("constant", "lr schedule", choices=("constant", "linear", "cosine"))
+    lr_warmup_iters: int = opt(0, "warmup optimizer steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "Adam beta1")
+    adam_beta2: float = opt(0.98, "Adam beta2")
+    clip_grad: float = opt(1.0, "max global grad norm (0 = off)")
+    seed: int = opt(1234, "trainer seed")
+    tensor_model_parallel_size: int = opt(1, "tensor parallel size (vocabulary-parallel log-probs)")
+    actor_num_nodes: int = opt(1, "nodes for trainer actors")
+    actor_num_gpus_per_node: int = opt(1, "trainer processes per node (one GPU each on GPU machines; CPU "
+                                          "processes otherwise); data parallel = total / TP")
+    max_tokens_per_gpu: int = opt(4096, "token budget of one packed micro-batch")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """--load/--save: resumable, atomic Megatron torch_dist checkpoints."""
+    load: str | None = opt(None, "resume from this checkpoint directory when it holds one")
+    save: str | None = opt(None, "checkpoint directory")
+    save_interval: int | None = opt(None, "save every N rollout steps (and at the end, and on a teacher failure)")
+    no_load_optim: bool = opt(False, "resume weights and step but not the optimizer state")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Ray and devices."""
+    ray_address: str | None = opt(None, "connect to an existing Ray cluster (multi-node); default: start a "
+                                        "local one")
+    device: str = opt("auto", "trainer device: cuda (GPU resources), cpu, auto (cuda when available)",
+                      choices=("auto", "cpu", "cuda"))
+    num_cpus: int | None = opt(None, "CPUs given to a local Ray cluster (default: all)")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Observability."""
+    output_dir: str = opt("runs/opd", "run directory: metrics.jsonl, TensorBoard events, curves.png, "
+                                      "results.json")
+    no_tensorboard: bool = opt(False, "do not write TensorBoard events")
+    no_progress: bool = opt(False, "no progress bar")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The built-in CPU experiment (used when --hf-checkpoint is not given)."""
+    experiment_cache_dir: str = opt("~/.cache/opd-train/toy", "where the SFT teacher/student are cached")
+    experiment_baseline: bool = opt(True, "also run reward-only GRPO with the same budget (--no-experiment-"
+                                          "baseline skips it)")
+    experiment_baseline_lr: float = opt(3e-4, "learning rate of the GRPO baseline (its best stable value)")
+    experiment_fast: bool = opt(False, "a shortened run for tests (fewer steps and prompts)")
+    experiment_seed: int = opt(0, "seed of the whole experiment (SFT of both models, rollouts, minibatches)")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "rollout": RolloutConfig, "reward": RewardConfig,
+            "opd": OPDConfig, "algo": AlgoConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
+            "cluster": ClusterConfig, "log": LogConfig, "experiment": ExperimentConfig}
+FIELD_SECTION = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELD_SECTION), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see opd-train --help"
+    return f"unknown config key {key!r}{hint}"
+
+
+class ArgsView:
+    """Read-only flat view of a :class:`Config` with slime's attribute names (``args.rm_url``, ...)."""
+
+    def __init__(self, config: "Config", extra: dict[str, Any] | None = None):
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_extra", dict(extra or {}))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):          # never recurse during unpickling (before _config exists)
+            raise AttributeError(name)
+        if name in self._extra:
+            return self._extra[name]
+        section = FIELD_SECTION.get(name)
+        if section is None:
+            raise AttributeError(f"config has no attribute {name!r}")
+        return getattr(getattr(self._config, section), name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("the run configuration is frozen after validation")
+
+    def __getstate__(self):
+        return {"config": self._config, "extra": self._extra}
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "_config", state["config"])
+        object.__setattr__(self, "_extra", state["extra"])
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    # Facts derived at validation (not flags): the student's vocabulary size, the trainer world size.
+    derived: dict = field(default_factory=dict)
+
+    @property
+    def args(self) -> ArgsView:
+        """slime-style flat attributes (plus derived facts such as ``vocab_size``) for reward functions."""
+        extra = dict(self.derived)
+        if self.opd.use_opd and self.opd.opd_type == "sglang" and self.opd.opd_kl_mode == "full":
+            extra["opd_teacher_topk"] = -1          # the teacher's full distribution (exact KL)
+        return ArgsView(self, extra)
+
+    def args_with(self, **extra: Any) -> ArgsView:
+        """:attr:`args` with extra (derived) attributes, e.g. the task reward handed to the OPD hook."""
+        view = self.args
+        return ArgsView(self, {**view._extra, **{k: v for k, v in extra.items() if v is not None}})
+
+    def replace(self, **values: Any) -> "Config":
+        """A copy with flat flag values replaced (``cfg.replace(lr=1e-3, use_opd=True)``); validate it again."""
+        by_section: dict[str, dict] = {}
+        for key, value in values.items():
+            if key not in FIELD_SECTION:
+                raise ConfigError(unknown_key_message(key))
+            by_section.setdefault(FIELD_SECTION[key], {})[key] = value
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **v)
+                                            for s, v in by_section.items()})
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(getattr(self, s), f.name) for s, cls in SECTIONS.items() for f in fields(cls)}
+
+
