@@ -58,3 +58,12 @@ def test_two_data_parallel_trainer_actors_match_one(toy, reference, tmp_path):
     dp2, ref = step_rows(tmp_path / "dp2")[1], reference["rows"][1]
     for key in ("opd/reverse_kl", "train/loss", "train/grad_norm", "train/entropy"):
         assert dp2[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
+
+
+def test_two_tensor_parallel_ranks_match_one(toy, reference, tmp_path):
+    """TP=2: vocabulary-parallel log-probs, and the SGLang teacher's dense rows sliced per vocabulary shard."""
+    run_driver(toy, tmp_path / "tp2", num_rollout=1, actor_num_gpus_per_node=2, tensor_model_parallel_size=2,
+               **reference["opd"])
+    tp2, ref = step_rows(tmp_path / "tp2")[1], reference["rows"][1]
+    for key in ("opd/reverse_kl", "train/loss", "train/grad_norm", "train/entropy"):
+        assert tp2[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
