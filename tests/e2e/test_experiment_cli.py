@@ -34,3 +34,22 @@ def test_console_script_rejects_bad_flags_fast(tmp_path):
     assert proc.returncode == 2
     assert "--opd-teacher-load is for --opd-type megatron" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_serve_and_convert_subcommands(toy, tmp_path, capsys):
+    """`opd-train serve` is the CPU engine's entry point; `opd-train convert` round-trips HF <-> torch_dist."""
+    from opd_train import cli
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--help"])
+    assert exc.value.code == 0 and "--model" in capsys.readouterr().out
+    dist, back = tmp_path / "dist", tmp_path / "back"
+    exe = os.path.join(os.path.dirname(sys.executable), "opd-train")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "opd_train.cli"]
+    for argv in (["convert", "hf2dist", toy["student"], str(dist)], ["convert", "dist2hf", str(dist), str(back)]):
+        proc = subprocess.run(cmd + argv, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    from safetensors.torch import load_file
+    original = load_file(os.path.join(toy["student"], "model.safetensors"))
+    roundtrip = load_file(os.path.join(back, "model.safetensors"))
+    assert original.keys() == roundtrip.keys()
+    assert all((original[k] == roundtrip[k]).all() for k in original)
