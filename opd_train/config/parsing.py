@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             meta, typ = f.metadata, _field_type(cls, f.name)
-            help_text = f"{meta['help']} (default: {f.default})"
+            # help texts that explain their default themselves ("(default: the student's ...)") keep theirs
+            help_text = meta["help"] if "(default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
             if typ is bool:
                 # "--no-x" fields (slime's --no-load-optim, ...) are plain switches: argparse's BooleanOptionalAction
                 # would read a "--no-" prefix as "False".
