@@ -5,5 +5,4 @@ cd "$(dirname "$0")/.."
 bash tools/install.sh
 . .venv/bin/activate
 bash tools/check_cuda.sh  # compile-check csrc/cuda with nvcc (skipped with a reason when nvcc is absent)
-export RAY_AUTH_MODE=disabled
 python -m pytest -q -x --timeout=900 "$@"

@@ -27,8 +27,9 @@ def start_ray(cluster: ClusterConfig, *, min_cpus: int) -> bool:
     import ray
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE",
-                                                                                           "disabled")}}
+    # Workers inherit Ray's authentication mode (token auth unless RAY_AUTH_MODE says otherwise) from the raylet:
+    # overriding it here would make them unable to talk to a cluster that requires the token.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if cluster.ray_address:
         ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
     else:

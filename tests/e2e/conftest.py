@@ -7,12 +7,9 @@ The models are trained for a few SFT steps only (the driver's behaviour is under
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
