@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/alloc.h"
 #include "cpu/softmax.h"
 
 namespace opd::cpu {
@@ -105,7 +106,7 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   check_row_vector(lse_s, N, at::kDouble, xs, "lse_s");
   check_row_vector(lse_t, N, at::kDouble, xs, "lse_t");
   check_row_vector(kl, N, at::kDouble, xs, "kl");
-  at::Tensor grad = at::empty({N, V}, xs.options());
+  at::Tensor grad = empty_grad(N, V, xs.options());
   const float* g = grad_kl.const_data_ptr<float>();
   const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
   const double* k = kl.const_data_ptr<double>();

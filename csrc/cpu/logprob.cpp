@@ -5,12 +5,11 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu/alloc.h"
 #include "cpu/softmax.h"
 
 namespace opd::cpu {
 namespace {
-
-
 
 struct RowResult {
   float logp, entropy;
@@ -108,7 +107,7 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
     check_row_vector(*grad_entropy, N, at::kFloat, x, "grad_entropy");
     check_row_vector(entropy, N, at::kFloat, x, "entropy");
   }
-  at::Tensor grad = at::empty({N, V}, x.options());
+  at::Tensor grad = empty_grad(N, V, x.options());
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const float* g = grad_logp.const_data_ptr<float>();
   const double* ls = lse.const_data_ptr<double>();
