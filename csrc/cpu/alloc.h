@@ -10,9 +10,9 @@
 namespace opd::cpu {
 
 // A fresh [N, V] gradient. The first write to a fresh allocation is page faults, and with 4 KiB pages they cost
-// more than the kernel itself (500 MB: ~150 ms on the 2-core dev machine, the backward's arithmetic ~30 ms).
+// more than the kernel itself (a 500 MB fill: ~100-150 ms on the 2-core dev machine, ~28 ms in huge pages).
 // Linux's default THP mode ("madvise") gives huge pages only to ranges that ask: ask for the 2 MiB-aligned
-// interior of the buffer (about 5x fewer fault cycles). Advice only: an error changes nothing.
+// interior of the buffer. Advice only: an error changes nothing.
 inline at::Tensor empty_grad(int64_t N, int64_t V, const at::TensorOptions& options) {
   at::Tensor grad = at::empty({N, V}, options);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
