@@ -57,10 +57,10 @@ def as_teacher_failure(exc: BaseException, cfg: Config) -> BaseException:
     """A :class:`TeacherUnavailable` when ``exc`` is the teacher client giving up on ``--rm-url``, else ``exc``."""
     from ..rollout.engines import RequestFailed
     from ..rollout.manager import EndpointFailed
+    from ..teacher import server_url
     cause = _root_cause(exc)
     url = cfg.reward.rm_url
-    base = (url or "").rstrip("/").removesuffix("/generate")
-    if url and isinstance(cause, (RequestFailed, EndpointFailed)) and cause.url.startswith(base):
+    if url and isinstance(cause, (RequestFailed, EndpointFailed)) and cause.url.startswith(server_url(url)):
         return TeacherUnavailable(f"the teacher at {cause.url} did not answer after {cause.attempts} attempts "
                                   f"({cause}); the run stopped", url=cause.url)
     return exc
@@ -83,7 +83,8 @@ def preflight_teacher(cfg: Config, *, attempts: int = 3) -> dict:
     import json
 
     from ..config import ConfigError
-    base = cfg.reward.rm_url.rstrip("/").removesuffix("/generate")
+    from ..teacher import server_url
+    base = server_url(cfg.reward.rm_url)
     last = None
     for attempt in range(attempts):
         try:

@@ -122,10 +122,13 @@ class TrainerGroup:
         _ray().get([r.actor.reset.remote(settings) for r in self.ranks])
 
     # ---- batch splitting ---------------------------------------------------------------------------------
-    def _shares(self, n: int) -> list[list[int]]:
-        """Sample indices of each DP rank: contiguous, as even as possible (0..n split in dp parts)."""
+    def _shares(self, n: int, what: str = "samples") -> list[list[int]]:
+        """Positions 0..n-1 of each DP rank: contiguous, as even as possible; an error when a rank gets none."""
         bounds = [round(k * n / self.dp) for k in range(self.dp + 1)]
-        return [list(range(bounds[k], bounds[k + 1])) for k in range(self.dp)]
+        shares = [list(range(bounds[k], bounds[k + 1])) for k in range(self.dp)]
+        if any(not s for s in shares):
+            raise ValueError(f"{what} of {n} samples cannot be split over {self.dp} data-parallel ranks")
+        return shares
 
     @staticmethod
     def _take(values, idx: list[int]):
@@ -141,24 +144,18 @@ class TrainerGroup:
                           response_lengths=[batch.response_lengths[i] for i in idx],
                           loss_masks=None if batch.loss_masks is None else [batch.loss_masks[i] for i in idx])
 
-    def _call(self, method: str, batch: TrainBatch, per_sample: dict, kwargs: dict):
+    def _call(self, method: str, batch: TrainBatch, kwargs: dict):
         """Call ``method`` on every rank with its DP share; returns the results of TP rank 0 per DP rank."""
-        shares = self._shares(len(batch))
-        if any(not s for s in shares):
-            raise ValueError(f"{len(batch)} samples cannot be split over {self.dp} data-parallel ranks")
-        futures = []
-        for r in self.ranks:
-            idx = shares[r.dp_rank]
-            args = [self._take(v, idx) for v in per_sample.values()]
-            futures.append(getattr(r.actor, method).remote(self._sub_batch(batch, idx), *args, kwargs))
-        results = _ray().get(futures)
+        shares = self._shares(len(batch), "a batch")
+        subs = [self._sub_batch(batch, idx) for idx in shares]        # TP ranks of a DP rank get the same share
+        results = _ray().get([getattr(r.actor, method).remote(subs[r.dp_rank], kwargs) for r in self.ranks])
         return [res for r, res in zip(self.ranks, results) if r.tp_rank == 0], shares
 
     # ---- public API --------------------------------------------------------------------------------------
     def forward(self, batch: TrainBatch, **kwargs):
         """Forward-only scoring of the whole batch; a ForwardResult in batch order."""
         from ..backends.megatron import ForwardResult
-        per_dp, shares = self._call("forward", batch, {}, kwargs)
+        per_dp, shares = self._call("forward", batch, kwargs)
         merged = ForwardResult()
         for name in vars(merged):
             parts = [getattr(res, name) for res in per_dp]
@@ -183,24 +180,21 @@ class TrainerGroup:
         # Minibatches are a seeded random partition of the rollout (advantages are already computed per group):
         # measured on the toy task, contiguous minibatches (whole prompt groups) learn markedly slower.
         order = torch.randperm(len(batch), generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
-        per_rank: list[list[dict]] = [[] for _ in self.ranks]
+        per_dp: list[list[dict]] = [[] for _ in range(self.dp)]   # TP ranks of a DP rank get the same steps
         for start in range(0, len(batch), global_batch_size):
             idx = sorted(order[start:start + global_batch_size])
-            masks = [batch.mask(i) for i in idx]
-            kwargs = {"loss": loss, "num_samples": float(len(idx)) if loss.reduction == "sample_mean" else None,
-                      "num_tokens": float(sum(sum(m) for m in masks)) if loss.reduction == "token_mean" else None}
-            shares = self._shares(len(idx))
-            if any(not sh for sh in shares):
-                raise ValueError(f"a minibatch of {len(idx)} samples cannot be split over {self.dp} DP ranks")
-            for k, r in enumerate(self.ranks):
-                mine = [idx[j] for j in shares[r.dp_rank]]
-                per_rank[k].append({
+            kwargs = {"loss": loss, "opd_full_kl_coef": opd_full_kl_coef,
+                      "num_samples": float(len(idx)) if loss.reduction == "sample_mean" else None,
+                      "num_tokens": float(sum(sum(batch.mask(i)) for i in idx))
+                      if loss.reduction == "token_mean" else None}
+            for dp_rank, share in enumerate(self._shares(len(idx), "a minibatch")):
+                mine = [idx[j] for j in share]
+                per_dp[dp_rank].append({
                     "batch": self._sub_batch(batch, mine), "advantages": self._take(advantages, mine),
                     "old_logprobs": self._take(old_logprobs, mine), "ref_logprobs": self._take(ref_logprobs, mine),
                     "teacher_rows": self._take(teacher_rows, mine), "returns": self._take(returns, mine),
-                    "old_values": self._take(old_values, mine),
-                    "kwargs": {**kwargs, "opd_full_kl_coef": opd_full_kl_coef}})
-        results = _ray().get([r.actor.train_steps.remote(per_rank[k]) for k, r in enumerate(self.ranks)])
+                    "old_values": self._take(old_values, mine), "kwargs": kwargs})
+        results = _ray().get([r.actor.train_steps.remote(per_dp[r.dp_rank]) for r in self.ranks])
         steps = results[0]                       # metrics are global (reduced over DP inside the backend)
         return {k: sum(m[k] for m in steps) / len(steps) for k in steps[0]} | {"optimizer_steps": len(steps)}
 

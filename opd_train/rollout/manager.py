@@ -198,7 +198,7 @@ class RolloutManager:
 
     async def generate(self, prompts: list[Prompt], step: int) -> tuple[list[Sample], dict[str, float]]:
         """Samples of one rollout step (groups adjacent, in prompt order) with rewards, and timing metrics."""
-        n, start = self.cfg.n_samples_per_prompt, time.perf_counter()
+        start = time.perf_counter()
         base_seed = (self.cfg.rollout_seed * 1_000_003 + step) * 100_003
         params = self._params(max_new_tokens=self.cfg.rollout_max_response_len,
                               temperature=self.cfg.rollout_temperature, seed=base_seed)

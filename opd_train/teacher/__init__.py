@@ -7,6 +7,6 @@
   ``opd_train.rollout.on_policy_distillation``.
 """
 from .base import Teacher, TeacherScores
-from .sglang import SGLangTeacher, SGLangTeacherConfig, generate_url
+from .sglang import SGLangTeacher, SGLangTeacherConfig, generate_url, server_url
 
-__all__ = ["SGLangTeacher", "SGLangTeacherConfig", "Teacher", "TeacherScores", "generate_url"]
+__all__ = ["SGLangTeacher", "SGLangTeacherConfig", "Teacher", "TeacherScores", "generate_url", "server_url"]

@@ -42,6 +42,12 @@ def generate_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def server_url(url: str) -> str:
+    """The teacher server's root (``/health``, ``/get_model_info`` live there): :func:`generate_url` less
+    ``/generate``."""
+    return generate_url(url).removesuffix("/generate")
+
+
 @dataclass(frozen=True)
 class SGLangTeacherConfig:
     url: str                              # --rm-url, e.g. http://127.0.0.1:30000/generate

@@ -141,7 +141,7 @@ def build_sft_model(settings: SFTSettings, cache_dir: str, name: str, *, eval_pa
     model = train_sft(settings, log=log)
     seconds = time.perf_counter() - start
     meta = {"name": name, "settings": asdict(settings), "sft_seconds": round(seconds, 1),
-            "sft_steps": getattr(model, "sft_steps", settings.steps),
+            "sft_steps": model.sft_steps,
             "greedy_accuracy": greedy_accuracy(model, eval_pairs),
             "params": sum(p.numel() for p in model.parameters())}
     tmp = f"{final}.tmp{os.getpid()}"
