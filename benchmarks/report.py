@@ -164,7 +164,8 @@ def plot(rec: dict, path: Path) -> None:
     backends = list(dict.fromkeys(r["backend"] for r in rec["rows"]))
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
     for ax, (op, mode) in zip(axes[:, 0], panels):
-        shapes = list(dict.fromkeys((r["T"], r["V"], r["dtype"]) for r in rec["rows"] if (r["op"], r["mode"]) == (op, mode)))
+        shapes = list(dict.fromkeys((r["T"], r["V"], r["dtype"]) for r in rec["rows"]
+                                    if (r["op"], r["mode"]) == (op, mode)))
         width = 0.8 / max(1, len(backends))
         for j, b in enumerate(backends):
             vals = {(r["T"], r["V"], r["dtype"]): r["gbps"] for r in ok

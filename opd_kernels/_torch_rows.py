@@ -6,8 +6,8 @@ library and the "row-chunked torch" benchmark baseline; the float64 oracle is ``
 Numerics are those of PyTorch's ``log_softmax`` (log p = (z - m) - log sum e^(z - m), m = row max), so a
 confident row's log-probability keeps its relative accuracy instead of inheriting an error of eps * |lse|; the
 per-row scalars that feed a backward (lse, KL) are float64 and the KL is measured from the teacher's value at
-the student's argmax, as in the C++ kernels (csrc/cpu/softmax.h explains why). Columns with ``z = -inf`` have p = 0 and contribute nothing (p * log p := 0); a NaN or +inf logit makes the
-row NaN.
+the student's argmax, as in the C++ kernels (csrc/cpu/softmax.h explains why). Columns with ``z = -inf`` have
+p = 0 and contribute nothing (p * log p := 0); a NaN or +inf logit makes the row NaN.
 """
 from __future__ import annotations
 

@@ -10,7 +10,6 @@
 namespace opd::cpu {
 namespace {
 
-
 struct KlResult {
   double kl, lse_s, lse_t;
   float logp;

@@ -9,8 +9,9 @@ return shard-local values (normalised over the shard). With M = max_r lse_r, e_r
   KL      = sum_r w_r kl_r + KL(w || u)       u_r = the teacher's shard shares
 The last two forms add terms of size O(log world) to the shards' own values instead of subtracting numbers of
 size |lse|, so near-identical student/teacher pairs keep their accuracy. Each op costs one MAX and one SUM
-all-reduce of a few [N] float64 vectors; logits are never gathered. The backward needs no communication: every rank gets the same
-upstream gradient of the replicated result and applies the row backward with the global scalars.
+all-reduce of a few [N] float64 vectors; logits are never gathered. The backward needs no communication: every
+rank gets the same upstream gradient of the replicated result and applies the row backward with the global
+scalars.
 """
 from __future__ import annotations
 

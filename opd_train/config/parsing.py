@@ -9,6 +9,7 @@ from typing import Any
 
 from .sections import FIELD_SECTION, SECTIONS, Config, ConfigError, unknown_key_message
 
+
 def _field_type(cls, name: str) -> type:
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
