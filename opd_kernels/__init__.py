@@ -1,8 +1,9 @@
-"""Fused on-policy-distillation ops for PyTorch: token log-probs, OPD advantages, exact reverse KL."""
+"""Fused on-policy-distillation ops for PyTorch: token log-probs, OPD advantages, exact and top-K reverse KL."""
 from ._backend import BACKENDS, use_backend
 from .ops.opd_advantages import KL_KINDS, OPDAdvantages, opd_advantages
 from .ops.reverse_kl import reverse_kl
 from .ops.token_logprobs import token_logprobs
+from .ops.topk_kl import topk_kl
 
-__all__ = ["BACKENDS", "KL_KINDS", "OPDAdvantages", "opd_advantages", "reverse_kl", "token_logprobs",
+__all__ = ["BACKENDS", "KL_KINDS", "OPDAdvantages", "opd_advantages", "reverse_kl", "token_logprobs", "topk_kl",
            "use_backend"]

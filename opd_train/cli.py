@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from .config import ConfigError, add_arguments, build_config, explicit_values, validate
-from .orchestration.support import TeacherUnavailable
+from .types import TeacherUnavailable
 
 SUBCOMMANDS = ("train", "serve", "convert")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from contextlib import contextmanager
 from typing import Iterable
 
 from .config import LogConfig
@@ -19,6 +21,27 @@ from .config import LogConfig
 PLOTTED = ("eval/pass@1", "rollout/accuracy", "rollout/reward", "opd/reverse_kl", "opd/teacher_logprob_mean",
            "train/loss", "train/entropy", "perf/step_seconds")
 BAR_KEYS = {"eval/pass@1": "eval", "rollout/accuracy": "acc", "opd/reverse_kl": "kl", "rollout/reward": "r"}
+
+
+class Timer:
+    """Seconds per phase of one rollout step (``time/<phase>``) and throughput (``perf/*``)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self, num_samples: int) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        return {**{f"time/{k}": v for k, v in self.phases.items()}, "perf/step_seconds": total,
+                "perf/samples_per_second": num_samples / max(total, 1e-9)}
 
 
 class RunLogger:

@@ -1,26 +1,33 @@
 """The training loop of ``opd-train``: one rollout step reads as the algorithm (SPEC section 1).
 
-    rollout (student engines; in sglang mode the teacher scores each sample as it finishes)
-    -> old / ref / teacher log-probs (trainer forward)  -> advantages (base estimator)  -> apply_opd
-    -> whiten -> train (policy loss; exact-KL loss in full mode) -> weight sync trainer -> engines
-    -> eval / save
+    rollout (student engines; an SGLang teacher scores each sample as it finishes)
+    -> base advantages (the estimator; PPO: after the critic's forward)
+    -> OPD forward (trainer, one fused kernel per micro-batch: old log-probs, KL term, A' = A - coef * KL_t)
+    -> whiten -> train (policy loss; + the KL loss in the distribution modes) -> weight sync -> eval / save
+
+Which OPD mode runs was decided once, in validation (``cfg.plan``); this file only reads it.
 """
 from __future__ import annotations
 
 import os
+import time
 
-from .config import Config
-from .observability import RunLogger
-from .orchestration.runtime import Runtime, acquire, release
-from .orchestration.step import (compute_step_advantages, loss_settings, rollout_metrics, teacher_logprobs,
-                                 teacher_rows, to_train_batch)
+from .config import Config, ConfigError
+from .observability import RunLogger, Timer
+from .orchestration.runtime import Runtime, RuntimePool
+from .orchestration.settings import loss_settings
+from .orchestration.step import (base_advantages, final_advantages, pre_forward, rollout_metrics, teacher_rows,
+                                 train_batch)
 from .rollout.data import PromptDataset, load_prompts, load_tokenizer
-from .orchestration.support import (Timer, TeacherUnavailable, as_teacher_failure, eval_settings, preflight_teacher,
-                                    save_dir_of)
+from .teacher import TeacherMismatch, preflight
+from .types import TeacherUnavailable
 
 
-def run(cfg: Config) -> dict:
-    """Train for ``--num-rollout`` steps (resuming from ``--load``); returns the final metrics."""
+def run(cfg: Config, *, pool: RuntimePool | None = None) -> dict:
+    """Train for ``--num-rollout`` steps (resuming from ``--load``); returns the final metrics.
+
+    ``pool``: keep the runtime (Ray actors, engines) warm for the pool's next run of the same shape.
+    """
     os.makedirs(cfg.log.output_dir, exist_ok=True)
     tok = load_tokenizer(cfg.model.hf_checkpoint)
     d = cfg.data
@@ -31,16 +38,23 @@ def run(cfg: Config) -> dict:
         d.eval_prompt_data, tok, input_key=d.input_key, label_key=d.label_key,
         apply_chat_template=d.apply_chat_template, max_prompts=d.eval_max_prompts, require_labels=True)
     dataset = PromptDataset(train_prompts, shuffle=d.rollout_shuffle, seed=cfg.rollout.rollout_seed)
-    if cfg.opd.use_opd and cfg.opd.opd_type == "sglang":
-        preflight_teacher(cfg)                  # fail before Ray, trainers and engines start
-    rt = acquire(cfg, save_dir_of(cfg))
+    if cfg.plan is not None and cfg.plan.teacher == "sglang":        # fail before Ray, trainers and engines start
+        try:
+            preflight(cfg.reward.rm_url, student_dir=cfg.model.hf_checkpoint, student_vocab=cfg.derived["vocab_size"],
+                      timeout=cfg.opd.opd_teacher_timeout)
+        except TeacherMismatch as exc:
+            raise ConfigError(str(exc)) from None
+    rt = pool.acquire(cfg, cfg.save_dir) if pool is not None else Runtime.start(cfg, cfg.save_dir)
     healthy = False
     try:
         result = _loop(cfg, rt, dataset, eval_prompts)
         healthy = True
         return result
     finally:
-        release(rt, healthy=healthy)
+        if pool is not None:
+            pool.release(rt, healthy=healthy)
+        else:
+            rt.close()
 
 
 def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dict:
@@ -51,22 +65,21 @@ def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dic
     weights_dir = os.path.join(cfg.log.output_dir, "weights", "actor")
     if start:                                                   # resumed: engines must serve the trained weights
         ray.get(rt.rollout.update_weights.remote(rt.trainers.export_hf(weights_dir), f"step-{start}"))
-    evaluate = eval_settings(cfg, eval_prompts, rt, log)
-    final = evaluate(start) if start == 0 else {}
+    final = _evaluate(cfg, rt, eval_prompts, log, start) if start == 0 else {}
     step = start
     try:
         for step in range(start + 1, ro.num_rollout + 1):
             prompts = dataset.batch(step - 1, ro.rollout_batch_size)
             log.log(step, _rollout_step(cfg, rt, prompts, step, weights_dir))
-            if _due(cfg.data.eval_interval, step, ro.num_rollout) and eval_prompts is not None:
-                final = evaluate(step)
+            if _due(cfg.data.eval_interval, step, ro.num_rollout):
+                final = _evaluate(cfg, rt, eval_prompts, log, step) or final
             if ck.save and _due(ck.save_interval, step, ro.num_rollout):
                 rt.trainers.save_checkpoint(ck.save, step)
             log.advance()
     except TeacherUnavailable as exc:                           # retries are exhausted: stop resumably
-        path = rt.trainers.save_checkpoint(save_dir_of(cfg), step - 1)
+        path = rt.trainers.save_checkpoint(cfg.save_dir, step - 1)
         log.write(f"[opd-train] {exc}\n[opd-train] saved a resumable checkpoint of step {step - 1}: {path}; "
-                  f"restart the teacher and resume with --load {save_dir_of(cfg)}")
+                  f"restart the teacher and resume with --load {cfg.save_dir}")
         raise exc.with_checkpoint(path, step - 1)
     finally:
         log.close()
@@ -80,34 +93,43 @@ def _due(interval: int | None, step: int, last: int) -> bool:
 def _rollout_step(cfg: Config, rt: Runtime, prompts, step: int, weights_dir: str) -> dict[str, float]:
     """One step of the algorithm; returns its metrics."""
     import ray
-    a, o, t = cfg.algo, cfg.opd, Timer()
-    with t("rollout"):                  # student samples; sglang mode: each is scored by the teacher as it finishes
-        try:
-            samples, timing = ray.get(rt.rollout.generate.remote(prompts, step))
-        except Exception as exc:        # noqa: BLE001 - a teacher that gave up becomes TeacherUnavailable
-            raise as_teacher_failure(exc, cfg) from exc
-        batch = to_train_batch(samples)
-    with t("forward"):                  # old log-probs (+ entropy, reference, Megatron teacher, critic values)
-        scored = rt.trainers.forward(batch, actor=True, with_entropy=True, ref=a.kl_coef > 0 or a.use_kl_loss,
-                                     teacher=o.use_opd and o.opd_type == "megatron",
-                                     values=a.advantage_estimator == "ppo")
-    with t("advantages"):               # base estimator -> A - coef * kl (sampled mode) -> whitening
-        adv = compute_step_advantages(
-            a, o, samples=samples, group_size=cfg.rollout.n_samples_per_prompt, old_logprobs=scored.logprobs,
-            teacher_lp=teacher_logprobs(samples, scored.teacher_logprobs) if o.use_opd else None,
-            ref_logprobs=scored.ref_logprobs, values=scored.values)
-    with t("train"):                    # policy loss (+ exact-KL loss in full mode), critic for ppo
-        full = o.use_opd and o.opd_kl_mode == "full"
-        rows = teacher_rows(samples, cfg.derived["vocab_size"]) if full and o.opd_type == "sglang" else None
+    a, plan, t = cfg.algo, cfg.plan, Timer()
+    with t("rollout"):                  # student samples; an SGLang teacher scores each as it finishes
+        samples, timing = rt.generate(prompts, step)
+        batch, teacher = train_batch(samples), teacher_rows(plan, samples)
+    with t("forward"):                  # base advantages, then the OPD forward: A' = A - coef * KL_t (fused kernel)
+        before = pre_forward(a)
+        pre = rt.trainers.forward(batch, **before) if before else None          # critic values, ref-KL rewards
+        base = base_advantages(a, samples, cfg.rollout.n_samples_per_prompt, pre)
+        ref = pre.ref_logprobs if pre is not None else None
+        scored = rt.trainers.forward(batch, advantages=base.advantages if plan else None, teacher=teacher,
+                                     ref=a.use_kl_loss and ref is None)
+    with t("advantages"):               # whitening over the global batch
+        advantages, adv_metrics = final_advantages(a, base, scored)
+    with t("train"):                    # policy loss (+ the KL loss in the distribution modes), critic for ppo
         trained = rt.trainers.train(
-            batch, adv.advantages, scored.logprobs, loss=loss_settings(a),
-            global_batch_size=cfg.train.global_batch_size or len(batch), ref_logprobs=scored.ref_logprobs,
-            returns=adv.returns, old_values=scored.values, opd_full_kl_coef=o.opd_kl_coef if full else None,
-            teacher_rows=rows, shuffle_seed=cfg.train.seed * 1_000_003 + step)
+            batch, advantages, scored.logprobs, loss=loss_settings(a),
+            global_batch_size=cfg.train.global_batch_size or len(batch), ref_logprobs=ref or scored.ref_logprobs,
+            returns=base.returns, old_values=None if pre is None else pre.values,
+            teacher=teacher if plan is not None and not plan.sampled else None,
+            shuffle_seed=cfg.train.seed * 1_000_003 + step)
     with t("weight_sync"):              # the engines serve the new weights for the next rollout
         ray.get(rt.rollout.update_weights.remote(rt.trainers.export_hf(weights_dir), f"step-{step}"))
-    metrics = {**rollout_metrics(samples), **adv.metrics, **{f"train/{k}": v for k, v in trained.items()},
-               **timing, **t.metrics(len(batch))}
-    if scored.entropy is not None:
-        metrics["train/entropy"] = sum(float(e.sum()) for e in scored.entropy) / batch.num_response_tokens()
+    return {**rollout_metrics(samples), **adv_metrics, **{f"train/{k}": v for k, v in trained.items()},
+            **timing, **t.metrics(len(batch))}
+
+
+def _evaluate(cfg: Config, rt: Runtime, prompts, log: RunLogger, step: int) -> dict:
+    """pass@1 on the held-out prompts with the engines' current weights (logged; {} without eval prompts)."""
+    import ray
+    if prompts is None:
+        return {}
+    d, t0 = cfg.data, time.perf_counter()
+    metrics = ray.get(rt.rollout.evaluate.remote(
+        prompts, n=d.n_samples_per_eval_prompt, temperature=d.eval_temperature,
+        max_new_tokens=d.eval_max_response_len or cfg.rollout.rollout_max_response_len))
+    metrics["time/eval"] = time.perf_counter() - t0
+    log.log(step, metrics)
+    log.write(f"[opd-train] step {step}: eval pass@1 {metrics['eval/pass@1']:.3f} "
+              f"({int(metrics['eval/num_samples'])} samples)")
     return metrics

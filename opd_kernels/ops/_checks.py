@@ -128,3 +128,38 @@ def token_values(t: torch.Tensor, vocab_total: int, ignore_index: int | None = N
         allowed = "" if ignore_index is None else f" (or ignore_index={ignore_index})"
         raise ValueError(f"token id {int(t[where])} at position {where} is outside the vocabulary "
                          f"[0, {vocab_total}){allowed}; fix the ids or mask that position out")
+
+
+def topk(ids, logprobs, logits_: torch.Tensor) -> None:
+    """A teacher top-K: ids [..., K] int64 and log-probs [..., K] float over the rows of ``logits_`` [..., V]."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+        raise TypeError(f"topk_ids must be an int64 tensor [..., K], got "
+                        f"{ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if not isinstance(logprobs, torch.Tensor) or not logprobs.is_floating_point():
+        raise TypeError("topk_logprobs must be a floating-point tensor [..., K] (the teacher's log-probs)")
+    if ids.dim() != logits_.dim() or tuple(ids.shape[:-1]) != tuple(logits_.shape[:-1]) or ids.shape[-1] < 1:
+        raise ValueError(f"topk_ids must have shape logits.shape[:-1] + (K,) = {tuple(logits_.shape[:-1])} + (K,) "
+                         f"with K >= 1, got {tuple(ids.shape)}")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"topk_logprobs shape {tuple(logprobs.shape)} != topk_ids shape {tuple(ids.shape)}")
+    for t, name in ((ids, "topk_ids"), (logprobs, "topk_logprobs")):
+        if t.device != logits_.device:
+            raise ValueError(f"{name} is on {t.device} but the logits are on {logits_.device}")
+
+
+def topk_values(ids: torch.Tensor, logprobs: torch.Tensor, vocab_total: int, valid: torch.Tensor) -> None:
+    """Used slots (0 <= id < vocab_total) of valid rows: distinct ids, log-probs that are log-probabilities.
+    Checked under the ``OPD_KERNELS_CHECK_TOKENS`` rule (CPU by default: the check needs a host sync)."""
+    mode = os.environ.get(_CHECK_ENV, "auto")
+    if mode == "0" or (mode == "auto" and ids.device.type != "cpu") or ids.numel() == 0:
+        return
+    used = (ids >= 0) & (ids < vocab_total) & valid.unsqueeze(-1)
+    ordered = torch.where(used, ids, -1 - torch.arange(ids.shape[-1], device=ids.device)).sort(-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("topk_ids repeat an id within a row; each row must list distinct token ids")
+    lp = torch.where(used, logprobs.double(), torch.full_like(logprobs, -torch.inf, dtype=torch.float64))
+    if bool((used & torch.isnan(lp)).any()) or bool((lp > 1e-6).any()):
+        raise ValueError("topk_logprobs must be log-probabilities (<= 0, not NaN) on the used slots")
+    if bool((torch.logsumexp(lp, -1) > 1e-3).any()):
+        raise ValueError("the teacher's top-K probabilities sum to more than 1 in some row; pass log-probs "
+                         "(log_softmax of the teacher logits), not logits")

@@ -1,4 +1,4 @@
-"""The algorithm layer of opd: advantage estimators, OPD shaping, whitening, losses, SGLang alignment.
+"""The algorithm layer of opd: advantage estimators, OPD shaping, whitening, losses.
 
 Pure PyTorch plus ``opd_kernels`` (no Megatron, no Ray), usable with any trainer. One training step reads:
 
@@ -10,15 +10,12 @@ Pure PyTorch plus ``opd_kernels`` (no Megatron, no Ray), usable with any trainer
 The math of each step is in the docstring of its module (SPEC §1).
 """
 from .advantages import ESTIMATORS, WHITENING_REQUIRED, compute_advantages, discounted_gae, group_mean_std
-from .align import response_logprobs_from_sglang, response_topk_from_sglang
 from .loss import REDUCTIONS, loss_normalizer, policy_loss, reduce_tokens, value_loss
-from .opd import KL_ESTIMATORS, apply_opd, apply_opd_kl, kl_estimate, topk_reverse_kl, topk_to_dense_logprobs
+from .opd import KL_ESTIMATORS, apply_opd, apply_opd_kl, kl_estimate
 from .whiten import masked_mean, masked_moments, whiten
 
 __all__ = [
     "ESTIMATORS", "KL_ESTIMATORS", "REDUCTIONS", "WHITENING_REQUIRED",
     "apply_opd", "apply_opd_kl", "compute_advantages", "discounted_gae", "group_mean_std", "kl_estimate",
-    "loss_normalizer", "masked_mean", "masked_moments", "policy_loss", "reduce_tokens",
-    "response_logprobs_from_sglang", "response_topk_from_sglang", "topk_reverse_kl", "topk_to_dense_logprobs",
-    "value_loss", "whiten",
+    "loss_normalizer", "masked_mean", "masked_moments", "policy_loss", "reduce_tokens", "value_loss", "whiten",
 ]

@@ -1,40 +1,40 @@
-r"""On-policy distillation as an advantage penalty (SPEC §1).
+r"""On-policy distillation as an advantage penalty (SPEC §1), and what each sampled estimator optimises.
 
-For a response token a_t sampled from the student, with ``d_t = lp_S(t) - lp_T(t)`` (student minus teacher
-log-prob of a_t given the same prefix), the sampled estimators of the reverse KL ``KL(p_S || p_T)`` at position t are
+For a response token a_t sampled from the student p = p_S(. | s_t), with ``d_t = lp_S(t) - lp_T(t)`` (student minus
+teacher log-prob of a_t given the same prefix; q = p_T), the sampled estimators are
 
-    k1 = d                       unbiased: E_{a~p_S}[d] = KL(p_S || p_T); can be negative per sample
-    k2 = d^2 / 2                 >= 0, biased (its expectation is 1/2 E[d^2], a second-order match of KL)
-    k3 = exp(-d) - 1 + d         >= 0, unbiased (E[exp(-d)] = E[p_T/p_S] = 1), lower variance near d = 0
+    k1 = d                       E_p[k1] = KL(p || q)                          can be negative per sample
+    k2 = d^2 / 2                 E_p[k2] = E_p[d^2] / 2 >= 0, a second-order match of KL(p || q)
+    k3 = exp(-d) - 1 + d         E_p[k3] = KL(p || q) (E_p[exp(-d)] = 1)        >= 0, low variance near d = 0
 
-and the OPD advantage is ``A'_t = A_t - coef * kl_t`` (:func:`apply_opd`), applied after the base estimator and
+and the OPD advantage is ``A'_t = A_t - coef * k_t`` (:func:`apply_opd`), applied after the base estimator and
 before whitening; it never touches the returns or the critic targets, and it is detached. With the task reward 0
-for every sample, A = 0 and ``A' = -coef * kl``: pure distillation.
+for every sample, A = 0 and ``A' = -coef * k``: pure distillation.
 
-Why -k1 as an advantage distils: with the surrogate ``L = -sum_t sg(A'_t) log p_S(a_t)`` and a_t ~ p_S,
-``E[grad L] = coef * E[d grad log p_S(a)] = coef * grad KL(p_S || p_T)`` (the score-function identity, using
-``E[grad log p_S] = 0``), i.e. policy-gradient descent on the exact reverse KL; the tests check this numerically.
+What a detached advantage optimises is not its expectation but its score-function gradient: with the surrogate
+``L = -sum_t sg(A'_t) log p(a_t)`` and a_t ~ p, ``E[grad L] = coef * E_p[k(d) grad log p(a)]``. Using
+``grad KL(p||q) = E_p[d grad log p]`` (E_p[grad log p] = 0) and ``grad KL(q||p) = -E_q[grad log p]``:
 
-Where the teacher's whole distribution is known (teacher logits in the trainer, or a teacher top-k from SGLang),
-the exact per-position KL can replace the sampled estimate: :func:`apply_opd_kl` takes it precomputed (e.g. from
-``opd_kernels.reverse_kl``), and :func:`topk_reverse_kl` / :func:`topk_to_dense_logprobs` build it from a teacher
-top-k. ``opd_kernels.opd_advantages`` is the fused kernel path for trainers that hold the student logits: it
-computes the student log-prob, the KL term and A' in one pass and matches :func:`apply_opd`.
+    k1:  E_p[d grad log p]                  = grad KL(p || q)                        the reverse KL (slime's)
+    k2:  E_p[(d^2/2) grad log p]            = grad (E_p[d^2/2] - KL(p || q))          vanishes to 2nd order at q
+    k3:  E_p[(exp(-d) - 1 + d) grad log p]  = grad KL(p || q) - grad KL(q || p)      reverse minus forward KL
+
+so only k1 descends the reverse KL; k3, "unbiased" as a value, is a biased advantage (k3 is the right estimator of a
+KL *loss* differentiated through ``d``, GRPO's use of it, not of an advantage). Each of the three identities is
+checked exactly on a small categorical example in ``tests/algo/test_algo_opd.py``. The gradients treat the state
+s_t as fixed: the token-level objective, not the sequence-level KL (slime's, and ours).
+
+Where the teacher's distribution is known the KL is a loss term instead (exact: ``opd_kernels.reverse_kl``; a top-K:
+``opd_kernels.topk_kl``); :func:`apply_opd_kl` applies a precomputed per-token KL to the advantage for those who
+want it there. ``opd_kernels.opd_advantages`` is the fused kernel the trainer runs: the student log-prob, the KL
+term and A' in one pass over the student logits; it matches :func:`apply_opd`.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-import opd_kernels
-
+from ..types import KL_ESTIMATORS
 from ._checks import as_bool_mask, check_coef, check_finite_where, check_same_shape
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
-# Floor on the teacher mass outside its top-k (a peaked teacher's top-k can sum to 1 in fp32): keeps the tail
-# log-prob finite (about log(1e-12 / V)), so a student putting mass there pays a large but finite KL.
-TOPK_TAIL_FLOOR = 1e-12
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
@@ -118,97 +118,3 @@ def apply_opd_kl(advantages: torch.Tensor, kl_per_token: torch.Tensor, *, coef: 
     dtype = _out_dtype(advantages)
     term = torch.where(mask, kl_per_token.to(dtype), torch.zeros((), dtype=dtype, device=kl_per_token.device))
     return advantages.to(dtype) - coef * term, term
-
-
-# ------------------------------------------------------------------------------------------- teacher top-k rows
-
-def _check_topk(ids: torch.Tensor, logprobs: torch.Tensor, vocab_size: int, mask: torch.Tensor) -> None:
-    """Raise on a malformed teacher top-k: shapes, dtypes, ids out of range or repeated, mass above 1."""
-    if ids.shape != logprobs.shape or ids.dim() < 1:
-        raise ValueError(f"teacher top-k ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be "
-                         "[..., K]")
-    if ids.is_floating_point() or ids.dtype == torch.bool:
-        raise TypeError(f"teacher top-k ids must be an integer tensor; got {ids.dtype}")
-    K = ids.shape[-1]
-    if not 1 <= K <= vocab_size:
-        raise ValueError(f"teacher top-k has K={K} entries per row; need 1 <= K <= vocab_size={vocab_size}")
-    rows = mask.unsqueeze(-1).expand_as(ids)
-    if bool((rows & ((ids < 0) | (ids >= vocab_size))).any()):
-        raise ValueError(f"teacher top-k ids must lie in [0, {vocab_size}); check that the teacher and the student "
-                         "share one vocabulary")
-    check_finite_where("teacher top-k logprobs", logprobs, rows)
-    ordered = ids.sort(-1).values
-    if bool((mask & (ordered[..., 1:] == ordered[..., :-1]).any(-1)).any()):
-        raise ValueError("teacher top-k ids repeat within a row; each row must list K distinct token ids")
-    mass = torch.where(mask, torch.logsumexp(logprobs.double(), -1), torch.zeros((), dtype=torch.float64))
-    if bool((mass > 1e-3).any()):
-        raise ValueError("teacher top-k probabilities sum to more than 1 in some row; pass log-probs "
-                         "(log_softmax of the teacher logits), not logits")
-
-
-def _topk_tail_logprob(logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[...] log-prob given to each of the V-K ids outside the top-k: the leftover mass spread uniformly."""
-    K = logprobs.shape[-1]
-    if K == vocab_size:
-        return torch.zeros(logprobs.shape[:-1], dtype=logprobs.dtype, device=logprobs.device)
-    leftover = -torch.expm1(torch.logsumexp(logprobs, -1))          # 1 - sum_k q_k, accurate near 0 and 1
-    return leftover.clamp_min(TOPK_TAIL_FLOOR).log() - math.log(vocab_size - K)
-
-
-def topk_to_dense_logprobs(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Dense teacher log-prob rows from a teacher top-k: the top-k values at their ids, the rest of the mass
-    (``1 - sum_k q_k``, floored at 1e-12) spread uniformly over the other V-K ids.
-
-    Args:
-        topk_ids: [..., K] int64 teacher top-k token ids (e.g. ``align.response_topk_from_sglang``).
-        topk_logprobs: [..., K] their teacher log-probs.
-        vocab_size: V, the student's vocabulary size.
-
-    Returns:
-        [..., V] float32 log-prob rows that normalise (logsumexp = 0). Feed them as ``teacher_logits`` to
-        ``opd_kernels.reverse_kl`` / ``opd_advantages(kl="full")`` at temperature 1 (log_softmax leaves normalised
-        log-probs unchanged). This allocates [..., V]; :func:`topk_reverse_kl` gives the same KL without it.
-    """
-    mask = torch.ones(topk_ids.shape[:-1], dtype=torch.bool, device=topk_ids.device)
-    _check_topk(topk_ids, topk_logprobs, vocab_size, mask)
-    lq = topk_logprobs.float()
-    tail = _topk_tail_logprob(lq, vocab_size)                                            # [...]
-    dense = tail.unsqueeze(-1).expand(*tail.shape, vocab_size).clone()                  # [..., V]
-    return dense.scatter_(-1, topk_ids.long(), lq)
-
-
-def topk_reverse_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, *,
-                    temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact ``KL(p_S || q)`` per row against the top-k-completed teacher q of :func:`topk_to_dense_logprobs`,
-    without materialising q. Differentiable w.r.t. ``student_logits`` (usable as a KL loss).
-
-    With p = softmax(student_logits / T), H(p) its entropy, q_k the teacher top-k probabilities and c the tail
-    log-prob: ``sum_v p log q = sum_k p_k (log q_k - c) + c`` (the p outside the top-k sum to ``1 - sum_k p_k``), so
-    ``KL = -H(p) - sum_k p_k (log q_k - c) - c``. H and the log-sum-exp come from one fused
-    ``opd_kernels.token_logprobs`` pass; the K student log-probs are ``logits[id]/T - logsumexp``.
-
-    Args:
-        student_logits: [..., V] student logits (any float dtype).
-        topk_ids, topk_logprobs: [..., K] teacher top-k (log-probs used as given: SGLang scores prompts at T=1).
-        temperature: the student's temperature T.
-        mask: [...] rows to compute; other rows give 0 (their ids and values are ignored).
-
-    Returns:
-        [...] float32 KL per row.
-    """
-    V = student_logits.shape[-1]
-    if student_logits.shape[:-1] != topk_ids.shape[:-1]:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher top-k {tuple(topk_ids.shape)} "
-                         "must share the leading dims [...]")
-    valid = _mask_or_ones(mask, topk_ids[..., 0])
-    _check_topk(topk_ids, topk_logprobs, V, valid)
-    ids = torch.where(valid.unsqueeze(-1), topk_ids.long(), torch.zeros_like(topk_ids, dtype=torch.long))
-    lq = torch.where(valid.unsqueeze(-1), topk_logprobs.float(), torch.full_like(topk_logprobs, -30.0).float())
-    logp0, entropy = opd_kernels.token_logprobs(student_logits, ids[..., 0], temperature=temperature,
-                                                return_entropy=True)                     # [...], [...]
-    scaled = student_logits.gather(-1, ids).float() / temperature                       # [..., K]
-    lse = scaled[..., 0] - logp0                                                         # [...]
-    p_k = (scaled - lse.unsqueeze(-1)).exp()                                             # [..., K]
-    c = _topk_tail_logprob(lq, V)                                                        # [...]
-    kl = -entropy - (p_k * (lq - c.unsqueeze(-1))).sum(-1) - c
-    return torch.where(valid, kl, torch.zeros_like(kl))

@@ -11,14 +11,14 @@ Validation (:func:`validate`) runs before anything is started (no Ray, no server
 raises :class:`ConfigError` with one message naming the flag and the fix.
 """
 from .parsing import add_arguments, build_config, explicit_values, load_yaml
-from .sections import (ESTIMATORS, FIELD_SECTION, MAX_FULL_KL_HTTP_VOCAB, OPD_POST_PROCESS, OPD_REWARD_FUNC,
-                       REWARD_NAMES, SECTIONS, AlgoConfig, ArgsView, CheckpointConfig, ClusterConfig, Config,
-                       ConfigError, DataConfig, ExperimentConfig, LogConfig, ModelConfig, OPDConfig, RewardConfig,
-                       RolloutConfig, TrainConfig)
+from .plan import MAX_FULL_KL_HTTP_VOCAB, OPDPlan
+from .sections import (FIELD_SECTION, OPD_POST_PROCESS, OPD_REWARD_FUNC, REWARD_NAMES, SECTIONS, AlgoConfig,
+                       ArgsView, CheckpointConfig, ClusterConfig, Config, ConfigError, DataConfig, ExperimentConfig,
+                       LogConfig, ModelConfig, OPDConfig, RewardConfig, RolloutConfig, TrainConfig)
 from .validation import teacher_hf_dir, validate
 
-__all__ = ["ESTIMATORS", "FIELD_SECTION", "MAX_FULL_KL_HTTP_VOCAB", "OPD_POST_PROCESS", "OPD_REWARD_FUNC",
-           "REWARD_NAMES", "SECTIONS", "AlgoConfig", "ArgsView", "CheckpointConfig", "ClusterConfig", "Config",
-           "ConfigError", "DataConfig", "ExperimentConfig", "LogConfig", "ModelConfig", "OPDConfig", "RewardConfig",
+__all__ = ["FIELD_SECTION", "MAX_FULL_KL_HTTP_VOCAB", "OPD_POST_PROCESS", "OPD_REWARD_FUNC", "REWARD_NAMES",
+           "SECTIONS", "AlgoConfig", "ArgsView", "CheckpointConfig", "ClusterConfig", "Config", "ConfigError",
+           "DataConfig", "ExperimentConfig", "LogConfig", "ModelConfig", "OPDConfig", "OPDPlan", "RewardConfig",
            "RolloutConfig", "TrainConfig", "add_arguments", "build_config", "explicit_values", "load_yaml",
            "teacher_hf_dir", "validate"]

@@ -10,12 +10,11 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-ESTIMATORS = ("grpo", "gspo", "ppo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
-GROUP_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")   # need >= 2 samples per prompt
+from ..types import (ESTIMATORS, KL_ESTIMATORS, OPD_KL_MODES, TEACHER_CONCURRENCY, TEACHER_MAX_RETRIES,
+                     TEACHER_TIMEOUT)
+from .plan import OPDPlan
+
 REWARD_NAMES = ("exact_match", "math")
-# Above this vocabulary size the teacher's full distribution over HTTP (top_logprobs_num = V per response token)
-# is refused: at V = 151936 one 1k-token response would be ~150M JSON numbers.
-MAX_FULL_KL_HTTP_VOCAB = 4096
 OPD_REWARD_FUNC = "opd_train.rollout.on_policy_distillation.reward_func"
 OPD_POST_PROCESS = "opd_train.rollout.on_policy_distillation.post_process_rewards"
 
@@ -97,17 +96,28 @@ class OPDConfig:
     opd_type: str | None = opt(None, "where the teacher runs: sglang (HTTP server, --rm-url) or megatron "
                                      "(in the trainer, --opd-teacher-load)", choices=("sglang", "megatron"))
     opd_kl_coef: float = opt(1.0, "OPD penalty coefficient lambda (finite, >= 0)")
-    opd_kl_mode: str = opt("sampled", "sampled: estimator of the sampled token (--opd-kl-estimator); full: the "
-                                      "exact full-vocabulary reverse KL", choices=("sampled", "full"))
-    opd_kl_estimator: str | None = opt(None, "sampled-token estimator (default k1)", choices=("k1", "k2", "k3"))
+    opd_kl_mode: str = opt("sampled", "sampled: the sampled-token estimator (--opd-kl-estimator) penalises the "
+                                      "advantage, slime's objective; full: the exact full-vocabulary reverse KL as a "
+                                      "loss term; topk: the KL over the SGLang teacher's top-K (--opd-teacher-topk) "
+                                      "plus a tail bucket, a loss term (a lower bound of the exact KL)",
+                           choices=OPD_KL_MODES)
+    opd_kl_estimator: str | None = opt(None, "sampled-token estimator of d = lp_S - lp_T (default k1). What each "
+                                             "optimises as an advantage penalty (expected policy gradient): k1 = d "
+                                             "-> grad KL(S||T), the reverse KL; k2 = d^2/2 -> grad (E_S[d^2/2] - "
+                                             "KL(S||T)), which vanishes to second order near the teacher; k3 = "
+                                             "exp(-d) - 1 + d -> grad KL(S||T) - grad KL(T||S)",
+                                       choices=KL_ESTIMATORS)
+    opd_teacher_topk: int | None = opt(None, "--opd-kl-mode topk: teacher log-probs per response position (K >= 1, "
+                                             "fewer than the vocabulary)")
     opd_teacher_load: str | None = opt(None, "Megatron teacher checkpoint (torch_dist) or HF dir; megatron only")
     opd_teacher_ckpt_step: int | None = opt(None, "teacher checkpoint iteration (default: the latest)")
     offload_teacher: bool = opt(False, "keep the Megatron teacher's weights on CPU between uses (GPU)")
     opd_task_rm_path: str | None = opt(None, "sglang mode: dotted task reward combined with OPD (default: the "
                                              "--rm-type reward, else pure distillation)")
-    opd_teacher_timeout: float = opt(60.0, "seconds per teacher request attempt")
-    opd_teacher_max_retries: int = opt(5, "teacher retries (exponential backoff) before the run stops")
-    opd_teacher_concurrency: int = opt(64, "teacher requests in flight at most")
+    opd_teacher_timeout: float = opt(TEACHER_TIMEOUT, "seconds per teacher request attempt")
+    opd_teacher_max_retries: int = opt(TEACHER_MAX_RETRIES, "teacher retries (exponential backoff) before the run "
+                                                            "stops")
+    opd_teacher_concurrency: int = opt(TEACHER_CONCURRENCY, "teacher requests in flight at most")
 
 
 @dataclass(frozen=True)
@@ -248,14 +258,23 @@ class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     # Facts derived at validation (not flags): the student's vocabulary size, the trainer world size.
     derived: dict = field(default_factory=dict)
+    # How OPD runs (None without --use-opd), resolved once by validate() and read everywhere else.
+    plan: OPDPlan | None = None
 
     @property
     def args(self) -> ArgsView:
-        """slime-style flat attributes (plus derived facts such as ``vocab_size``) for reward functions."""
+        """slime-style flat attributes (plus derived facts such as ``vocab_size``) for reward functions; the SGLang
+        teacher hook reads the plan's request size as ``opd_teacher_topk``."""
         extra = dict(self.derived)
-        if self.opd.use_opd and self.opd.opd_type == "sglang" and self.opd.opd_kl_mode == "full":
-            extra["opd_teacher_topk"] = -1          # the teacher's full distribution (exact KL)
+        if self.plan is not None:
+            extra["opd_teacher_topk"] = self.plan.teacher_topk
         return ArgsView(self, extra)
+
+    @property
+    def save_dir(self) -> str:
+        """Where checkpoints go: ``--save``, else ``OUTPUT_DIR/checkpoints`` (the teacher-failure checkpoint)."""
+        import os
+        return self.checkpoint.save or os.path.join(self.log.output_dir, "checkpoints")
 
     def args_with(self, **extra: Any) -> ArgsView:
         """:attr:`args` with extra (derived) attributes, e.g. the task reward handed to the OPD hook."""

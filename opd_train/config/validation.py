@@ -11,8 +11,11 @@ import math
 import os
 import re
 
-from .sections import (GROUP_ESTIMATORS, MAX_FULL_KL_HTTP_VOCAB, OPD_POST_PROCESS, OPD_REWARD_FUNC, Config,
-                       ConfigError, DataConfig, ModelConfig)
+from .. import hf
+from ..types import GROUP_ESTIMATORS
+from .plan import MAX_FULL_KL_HTTP_VOCAB, OPDPlan
+from .sections import OPD_POST_PROCESS, OPD_REWARD_FUNC, Config, ConfigError, DataConfig, ModelConfig
+
 
 def _fail(message: str) -> None:
     raise ConfigError(message)
@@ -33,11 +36,6 @@ def _dotted_callable(flag: str, path: str | None) -> None:
         _fail(f"{flag} {path!r} is not callable")
 
 
-def _read_hf_config(directory: str) -> dict:
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f)
-
-
 def teacher_hf_dir(load: str, step: int | None) -> str:
     """The directory holding the Megatron teacher's HF config (a HF dir, or ``iter_N/hf`` of a checkpoint)."""
     if os.path.isfile(os.path.join(load, "config.json")):
@@ -56,39 +54,36 @@ def teacher_hf_dir(load: str, step: int | None) -> str:
     return os.path.join(it, "hf")
 
 
-def _tokenizer_vocab(directory: str) -> dict | None:
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("model", {}).get("vocab")
-
-
-def _validate_opd(c: Config) -> None:
+def _validate_opd(c: Config) -> OPDPlan | None:
+    """Every OPD rule, and the plan they leave (None without --use-opd)."""
     o, r = c.opd, c.reward
     if not o.use_opd:
         for flag, value in (("--opd-type", o.opd_type), ("--opd-teacher-load", o.opd_teacher_load),
-                            ("--opd-teacher-ckpt-step", o.opd_teacher_ckpt_step)):
+                            ("--opd-teacher-ckpt-step", o.opd_teacher_ckpt_step),
+                            ("--opd-teacher-topk", o.opd_teacher_topk)):
             if value is not None:
                 _fail(f"{flag} is set but --use-opd is not; add --use-opd or drop {flag}")
         if r.rm_url is not None:
             _fail("--rm-url is the SGLang teacher endpoint of OPD; add --use-opd --opd-type sglang or drop --rm-url")
-        return
+        return None
     if o.opd_type is None:
         _fail("--use-opd needs --opd-type: sglang (teacher on an HTTP server, with --rm-url) or megatron "
               "(teacher checkpoint in the trainer, with --opd-teacher-load)")
     if not (isinstance(o.opd_kl_coef, (int, float)) and math.isfinite(o.opd_kl_coef) and o.opd_kl_coef >= 0):
         _fail(f"--opd-kl-coef must be a finite number >= 0, got {o.opd_kl_coef}")
-    if o.opd_kl_mode == "full" and o.opd_kl_estimator is not None:
-        _fail("--opd-kl-estimator selects the sampled-token estimator; with --opd-kl-mode full the exact KL is used: "
-              "drop one of them")
+    if o.opd_kl_mode != "sampled" and o.opd_kl_estimator is not None:
+        _fail(f"--opd-kl-estimator selects the sampled-token estimator; with --opd-kl-mode {o.opd_kl_mode} the KL "
+              "is computed from the teacher's distribution: drop one of them")
+    if o.opd_kl_mode == "topk" and o.opd_teacher_topk is None:
+        _fail("--opd-kl-mode topk needs --opd-teacher-topk K (teacher log-probs per response position, e.g. 64)")
+    if o.opd_kl_mode != "topk" and o.opd_teacher_topk is not None:
+        _fail("--opd-teacher-topk is the K of --opd-kl-mode topk; add --opd-kl-mode topk or drop it")
     if o.opd_type == "sglang":
-        _validate_opd_sglang(c)
-    else:
-        _validate_opd_megatron(c)
+        return _validate_opd_sglang(c)
+    return _validate_opd_megatron(c)
 
 
-def _validate_opd_sglang(c: Config) -> None:
+def _validate_opd_sglang(c: Config) -> OPDPlan:
     o, r = c.opd, c.reward
     if o.opd_teacher_load is not None:
         _fail("--opd-teacher-load is for --opd-type megatron; in sglang mode the teacher is the server at --rm-url")
@@ -110,29 +105,45 @@ def _validate_opd_sglang(c: Config) -> None:
     if o.opd_task_rm_path is not None and r.rm_type is not None:
         _fail("--opd-task-rm-path and --rm-type both name the task reward; keep one")
     _dotted_callable("--opd-task-rm-path", o.opd_task_rm_path)
-    if c.rollout.rollout_temperature != 1.0 and o.opd_kl_mode != "full":
-        _fail(f"--rollout-temperature {c.rollout.rollout_temperature}: an SGLang teacher returns log-probs at T=1 "
-              "only, and comparing a T-scaled student with a T=1 teacher is wrong; use --opd-kl-mode full (the "
-              "teacher's full distribution is rescaled to T exactly) or --rollout-temperature 1")
+    return _sglang_plan(c)
+
+
+def _sglang_plan(c: Config) -> OPDPlan:
+    """How many teacher log-probs per position to request: 0 (sampled), K (topk) or V (full, or T != 1)."""
+    o, temperature = c.opd, c.rollout.rollout_temperature
     vocab = c.derived.get("vocab_size")
-    if o.opd_kl_mode == "full" and vocab is not None and vocab > MAX_FULL_KL_HTTP_VOCAB:
-        _fail(f"--opd-kl-mode full in sglang mode fetches the teacher's full distribution over HTTP "
-              f"(top_logprobs_num = vocab size = {vocab}); above {MAX_FULL_KL_HTTP_VOCAB} that is too large: use "
-              "--opd-kl-mode sampled, or --opd-type megatron where the exact KL is computed from logits in the "
-              "trainer")
+    kl = (o.opd_kl_estimator or "k1") if o.opd_kl_mode == "sampled" else o.opd_kl_mode
+    if o.opd_kl_mode == "topk":
+        if o.opd_teacher_topk < 1 or (vocab is not None and o.opd_teacher_topk >= vocab):
+            _fail(f"--opd-teacher-topk {o.opd_teacher_topk} must be >= 1 and below the vocabulary size "
+                  f"{vocab if vocab is not None else 'V'} (use --opd-kl-mode full for the whole distribution)")
+        if temperature != 1.0:
+            _fail(f"--rollout-temperature {temperature} with --opd-kl-mode topk: an SGLang teacher returns log-probs "
+                  "at T=1 only, and a truncated top-k cannot be rescaled to T exactly; roll out at temperature 1")
+        return OPDPlan("sglang", "topk", o.opd_kl_coef, teacher_topk=o.opd_teacher_topk, temperature=temperature)
+    needs_full = o.opd_kl_mode == "full" or temperature != 1.0
+    if needs_full and vocab is not None and vocab > MAX_FULL_KL_HTTP_VOCAB:
+        why = ("--opd-kl-mode full fetches" if o.opd_kl_mode == "full" else
+               f"--rollout-temperature {temperature} needs the teacher log-probs at T, i.e. fetching")
+        _fail(f"{why} the teacher's full distribution over HTTP (top_logprobs_num = vocab size = {vocab}); above "
+              f"{MAX_FULL_KL_HTTP_VOCAB} that is too large: use --opd-kl-mode topk --opd-teacher-topk K (the KL over the "
+              "teacher's top-K), --opd-type megatron (the exact KL from logits in the trainer), or roll out at T=1")
+    return OPDPlan("sglang", kl, o.opd_kl_coef, teacher_topk=(vocab or 0) if needs_full else 0,
+                   temperature=temperature)
 
 
-def _validate_opd_megatron(c: Config) -> None:
+def _validate_opd_megatron(c: Config) -> OPDPlan:
     o, r = c.opd, c.reward
     if o.opd_teacher_ckpt_step is not None and o.opd_teacher_ckpt_step < 0:
         _fail(f"--opd-teacher-ckpt-step must be >= 0, got {o.opd_teacher_ckpt_step}")
     if o.opd_teacher_load is None:
         _fail("--opd-type megatron needs --opd-teacher-load DIR (the teacher's torch_dist checkpoint; make one "
               "with `opd-train convert hf2dist HF_DIR OUT_DIR`)")
-    if not c.derived.get("check_paths", True):
-        return
-    if not os.path.isdir(o.opd_teacher_load):
-        _fail(f"--opd-teacher-load {o.opd_teacher_load!r} does not exist; pass the teacher checkpoint directory")
+    if o.opd_kl_mode == "topk":
+        _fail("--opd-kl-mode topk is for an SGLang teacher; the Megatron teacher's logits are in the trainer: use "
+              "--opd-kl-mode full (the exact KL) or sampled")
+    plan = OPDPlan("megatron", (o.opd_kl_estimator or "k1") if o.opd_kl_mode == "sampled" else "full", o.opd_kl_coef,
+                   temperature=c.rollout.rollout_temperature)
     if r.rm_url is not None:
         _fail("--rm-url is the SGLang teacher endpoint; with --opd-type megatron the teacher runs in the trainer: "
               "drop --rm-url (or use --opd-type sglang)")
@@ -145,7 +156,11 @@ def _validate_opd_megatron(c: Config) -> None:
     if o.opd_task_rm_path is not None:
         _fail("--opd-task-rm-path is for sglang mode; with --opd-type megatron pass the task reward as --rm-type or "
               "--custom-rm-path")
-    _check_teacher_vocab(c)
+    if c.derived.get("check_paths", True):
+        if not os.path.isdir(o.opd_teacher_load):
+            _fail(f"--opd-teacher-load {o.opd_teacher_load!r} does not exist; pass the teacher checkpoint directory")
+        _check_teacher_vocab(c)
+    return plan
 
 
 def _check_teacher_vocab(c: Config) -> None:
@@ -155,14 +170,10 @@ def _check_teacher_vocab(c: Config) -> None:
     tdir = teacher_hf_dir(c.opd.opd_teacher_load, c.opd.opd_teacher_ckpt_step)
     if not os.path.isfile(os.path.join(tdir, "config.json")):
         return
-    tv, sv = _read_hf_config(tdir).get("vocab_size"), _read_hf_config(student).get("vocab_size")
-    if tv != sv:
-        _fail(f"the teacher's vocab_size ({tv}, {tdir}) differs from the student's ({sv}, {student}); OPD compares "
-              "token ids, so both must share one tokenizer")
-    theirs, ours = _tokenizer_vocab(tdir), _tokenizer_vocab(student)
-    if theirs is not None and ours is not None and theirs != ours:
-        _fail(f"the teacher's tokenizer ({tdir}) maps tokens differently from the student's ({student}); OPD needs "
-              "the same tokenizer")
+    problem = hf.teacher_mismatch(student, hf.read_config(student).get("vocab_size"), tdir,
+                                  hf.read_config(tdir).get("vocab_size"))
+    if problem:
+        _fail(problem)
 
 
 def _validate_rewards(c: Config) -> None:
@@ -281,7 +292,8 @@ def _absolute_paths(config: Config) -> Config:
 
 
 def validate(config: Config, *, cuda_available: bool | None = None, check_paths: bool = True) -> Config:
-    """Check every rule; return the config with derived facts (``vocab_size``, ``world_size``). Starts nothing.
+    """Check every rule; return the config with derived facts (``vocab_size``, ``world_size``) and the OPD plan
+    (``config.plan``). Starts nothing.
 
     ``check_paths=False`` skips the checks of files that do not exist yet (the built-in experiment validates the
     user's flags before it trains the models those paths will hold).
@@ -292,14 +304,14 @@ def validate(config: Config, *, cuda_available: bool | None = None, check_paths:
     config = _absolute_paths(config)
     derived = dict(config.derived)
     if config.model.hf_checkpoint and os.path.isfile(os.path.join(config.model.hf_checkpoint, "config.json")):
-        derived.setdefault("vocab_size", _read_hf_config(config.model.hf_checkpoint).get("vocab_size"))
+        derived.setdefault("vocab_size", hf.read_config(config.model.hf_checkpoint).get("vocab_size"))
     world = config.train.actor_num_nodes * config.train.actor_num_gpus_per_node
     derived["world_size"] = world
     derived["check_paths"] = check_paths
     config = dataclasses.replace(config, derived=derived)
     _validate_paths_and_devices(config, cuda_available, check_paths)
-    _validate_opd(config)
+    plan = _validate_opd(config)
     _validate_rewards(config)
     _validate_algo(config)
     _validate_batches(config, world)
-    return config
+    return dataclasses.replace(config, plan=plan)

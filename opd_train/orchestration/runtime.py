@@ -1,66 +1,28 @@
-"""Starting and stopping a run's distributed pieces: Ray, the rollout manager (engines) and the trainer group.
+"""A run's distributed pieces: Ray, the rollout manager (engines) and the trainer group; and a pool that keeps them.
 
 The trainer actors and the student engines start concurrently (both spend seconds importing and loading).
 Everything is torn down in reverse order on exit, also after an error, so no server or actor outlives the run.
+
+:class:`RuntimePool` keeps a finished run's runtime warm for the next run of the same shape (the built-in
+experiment runs several trainings one after the other; the tests run many short ones). Process start-up (Python
++ torch + Megatron imports, engine servers) is most of a short run's cost on CPU. The pool is an object its owner
+passes to :func:`opd_train.train.run` and closes; there is no module-level state.
 """
 from __future__ import annotations
 
 import os
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..backends.megatron import (BatchingSettings, CheckpointSettings, CriticSettings, ModelSource, OptimizerSettings,
-                                 ParallelSettings, PrecisionSettings, TeacherSettings, TrainerSettings)
 from ..config import Config
-from ..rollout.manager import RewardPlan, RolloutManager, plan_rewards
+from ..rollout.manager import EndpointFailed, RewardPlan, RolloutManager, plan_rewards
+from ..serialization import register_fast_tensor_serializer
+from ..teacher import server_url
+from ..types import TeacherUnavailable
 from .cluster import plan_placement, start_ray
-from .serialization import register_fast_tensor_serializer
+from .settings import engine_kind, trainer_settings
 from .trainer_group import TrainerGroup
-
-
-def _source(path: str) -> ModelSource:
-    """A HF directory or one of our torch_dist checkpoints."""
-    if os.path.isfile(os.path.join(path, "latest_checkpointed_iteration.txt")):
-        return ModelSource(checkpoint=path)
-    return ModelSource(hf_path=path)
-
-
-def optimizer_settings(c: Config, lr: float, total_steps: int) -> OptimizerSettings:
-    t = c.train
-    decay = None if t.lr_decay_style == "constant" else max(total_steps, t.lr_warmup_iters + 1)
-    return OptimizerSettings(lr=lr, min_lr=min(t.min_lr, lr), lr_warmup_steps=t.lr_warmup_iters,
-                             lr_decay_steps=decay, lr_decay_style=t.lr_decay_style, weight_decay=t.weight_decay,
-                             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad)
-
-
-def optimizer_steps_per_rollout(c: Config) -> int:
-    total = c.rollout.rollout_batch_size * c.rollout.n_samples_per_prompt
-    return total // (c.train.global_batch_size or total)
-
-
-def trainer_settings(c: Config, save_dir: str) -> TrainerSettings:
-    m, a, o, t = c.model, c.algo, c.opd, c.train
-    total = c.rollout.num_rollout * optimizer_steps_per_rollout(c)
-    need_ref = a.kl_coef > 0 or a.use_kl_loss
-    ref = _source(m.ref_load or m.hf_checkpoint) if need_ref else None
-    teacher = (TeacherSettings(load=o.opd_teacher_load, step=o.opd_teacher_ckpt_step, offload=o.offload_teacher)
-               if o.use_opd and o.opd_type == "megatron" else None)
-    critic = (CriticSettings(source=_source(m.critic_load or m.hf_checkpoint),
-                             optimizer=optimizer_settings(c, a.critic_lr or t.lr, total))
-              if a.advantage_estimator == "ppo" else None)
-    return TrainerSettings(
-        model=ModelSource(hf_path=m.hf_checkpoint), parallel=ParallelSettings(t.tensor_model_parallel_size),
-        optimizer=optimizer_settings(c, t.lr, total), precision=PrecisionSettings("bf16" if m.bf16 else "fp32"),
-        checkpoint=CheckpointSettings(load=c.checkpoint.load, save=save_dir, no_load_optim=c.checkpoint.no_load_optim),
-        batching=BatchingSettings(t.max_tokens_per_gpu), reference=ref, teacher=teacher, critic=critic,
-        temperature=c.rollout.rollout_temperature, seed=t.seed)
-
-
-def engine_kind(c: Config, device: str) -> str:
-    kind = c.rollout.rollout_engine
-    return ("sglang" if device == "cuda" else "cpu") if kind == "auto" else kind
 
 
 def _key(c: Config, device: str) -> tuple:
@@ -72,6 +34,23 @@ def _key(c: Config, device: str) -> tuple:
             c.cluster.ray_address)
 
 
+def _plan(c: Config) -> RewardPlan:
+    return plan_rewards(c.reward, teacher=None if c.plan is None else c.plan.teacher,
+                        opd_task_rm_path=c.opd.opd_task_rm_path)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (RayTaskError.cause) and chained causes."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
 @dataclass
 class Runtime:
     rollout: object                 # Ray actor handle of RolloutManager
@@ -79,9 +58,10 @@ class Runtime:
     plan: RewardPlan
     started_ray: bool
     key: tuple = ()
+    rm_url: str | None = None       # the SGLang teacher, whose failures stop the run resumably
 
     @classmethod
-    def start(cls, c: Config, save_dir: str, *, engine_threads: int | None = None) -> "Runtime":
+    def start(cls, c: Config, save_dir: str) -> "Runtime":
         import ray
         t0 = time.perf_counter()
         world = c.derived["world_size"]
@@ -94,8 +74,7 @@ class Runtime:
             manager = ray.remote(RolloutManager).options(num_cpus=1, max_concurrency=64).remote(
                 c.rollout, c.model.hf_checkpoint, c.args_with(opd_task_rm_path=plan.opd_task), plan,
                 engine_kind=engine_kind(c, placement.device), vocab_size=c.derived["vocab_size"],
-                log_dir=c.log.output_dir, engine_threads=engine_threads,
-                host="127.0.0.1" if c.cluster.ray_address is None else "node")
+                log_dir=c.log.output_dir, host="127.0.0.1" if c.cluster.ray_address is None else "node")
             engines = manager.start.remote()                       # engines start while the trainers build
             try:
                 trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement)
@@ -112,7 +91,7 @@ class Runtime:
             print(f"[opd-train] started in {time.perf_counter() - t0:.1f} s (ray {t_ray - t0:.1f} s, {world} trainer "
                   f"rank(s) on {placement.device} {t_trainers - t_ray:.1f} s, {c.rollout.rollout_num_engines} "
                   f"engine(s) ready {time.perf_counter() - t_ray:.1f} s after ray)", flush=True)
-            return cls(manager, trainers, plan, started, _key(c, placement.device))
+            return cls(manager, trainers, plan, started, _key(c, placement.device), c.reward.rm_url)
         except BaseException:
             if started:
                 ray.shutdown()
@@ -123,12 +102,24 @@ class Runtime:
         checkpoint resume) from ``c``, the engines reloaded with the run's initial student weights."""
         import ray
         t0 = time.perf_counter()
-        self.plan = _plan(c)
+        self.plan, self.rm_url = _plan(c), c.reward.rm_url
         configured = self.rollout.configure.remote(c.rollout, c.model.hf_checkpoint,
                                                    c.args_with(opd_task_rm_path=self.plan.opd_task), self.plan)
         self.trainers.reset(trainer_settings(c, save_dir))
         ray.get(configured)
         print(f"[opd-train] reused the warm runtime ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def generate(self, prompts, step: int):
+        """One rollout step's samples and timings; a teacher that gave up raises :class:`TeacherUnavailable`."""
+        import ray
+        try:
+            return ray.get(self.rollout.generate.remote(prompts, step))
+        except Exception as exc:        # noqa: BLE001 - classified below, re-raised otherwise
+            cause = _root_cause(exc)
+            if self.rm_url and isinstance(cause, EndpointFailed) and cause.url.startswith(server_url(self.rm_url)):
+                raise TeacherUnavailable(f"the teacher at {cause.url} did not answer after {cause.attempts} attempts "
+                                         f"({cause}); the run stopped", url=cause.url) from exc
+            raise
 
     def close(self, *, shutdown_ray: bool = True) -> None:
         import ray
@@ -142,44 +133,21 @@ class Runtime:
             ray.shutdown()
 
 
-def _plan(c: Config) -> RewardPlan:
-    return plan_rewards(c.reward, use_opd=c.opd.use_opd, opd_type=c.opd.opd_type,
-                        opd_task_rm_path=c.opd.opd_task_rm_path)
+class RuntimePool:
+    """Warm runtimes for consecutive runs: ``with RuntimePool() as pool: run(cfg_a, pool=pool); run(cfg_b, ...)``.
 
+    A run that ends cleanly hands its runtime back; the next run of the same shape reuses it (fresh trainer
+    state, engines reloaded), another shape first frees it. Everything is closed when the block ends.
+    """
 
-# Warm runtimes: inside ``warm_runtimes()``, a finished run's actors and engines are kept and reused by the next
-# run with the same shape (the built-in experiment runs OPD then GRPO; the tests run many short runs). Process
-# start-up (Python + torch + Megatron imports, engine servers) is most of a short run's cost on CPU.
-_POOL: "OrderedDict[tuple, Runtime] | None" = None
+    def __init__(self, max_size: int = 1):
+        self.max_size = max_size
+        self._warm: OrderedDict[tuple, Runtime] = OrderedDict()
 
-
-@contextmanager
-def warm_runtimes():
-    """Keep finished runs' runtimes warm for the next runs of this block; close them all at the end."""
-    global _POOL
-    if _POOL is not None:                       # nested: the outer context owns the pool
-        yield
-        return
-    _POOL = OrderedDict()
-    try:
-        yield
-    finally:
-        pool, _POOL = _POOL, None
-        started = any(rt.started_ray for rt in pool.values())
-        for rt in pool.values():
-            rt.close(shutdown_ray=False)
-        if started:
-            import ray
-            ray.shutdown()
-
-
-def acquire(c: Config, save_dir: str) -> Runtime:
-    """A runtime for this run: a warm one of the same shape when available, else a new one."""
-    if _POOL is not None:
+    def acquire(self, c: Config, save_dir: str) -> Runtime:
         import ray
-        if ray.is_initialized():
-            device = plan_placement(c.cluster, c.derived["world_size"]).device
-            rt = _POOL.pop(_key(c, device), None)
+        if ray.is_initialized() and self._warm:
+            rt = self._warm.pop(_key(c, plan_placement(c.cluster, c.derived["world_size"]).device), None)
             if rt is not None:
                 try:
                     rt.reconfigure(c, save_dir)
@@ -187,17 +155,28 @@ def acquire(c: Config, save_dir: str) -> Runtime:
                 except BaseException:
                     rt.close(shutdown_ray=False)
                     raise
-        while _POOL:                            # another shape: free its resources (CPU/GPU slots) first
-            _POOL.popitem()[1].close(shutdown_ray=False)
-    return Runtime.start(c, save_dir)
+        while self._warm:                       # another shape: free its resources (CPU/GPU slots) first
+            self._warm.popitem()[1].close(shutdown_ray=False)
+        return Runtime.start(c, save_dir)
 
+    def release(self, rt: Runtime, *, healthy: bool) -> None:
+        if not healthy:
+            rt.close(shutdown_ray=False)
+            return
+        self._warm[rt.key] = rt
+        while len(self._warm) > self.max_size:
+            self._warm.popitem(last=False)[1].close(shutdown_ray=False)
 
-def release(rt: Runtime, *, healthy: bool, max_size: int = 1) -> None:
-    """Keep ``rt`` warm (inside ``warm_runtimes()``, after a run that ended cleanly) or close it."""
-    if _POOL is None or not healthy:
-        rt.close(shutdown_ray=_POOL is None)
-        return
-    _POOL[rt.key] = rt
-    while len(_POOL) > max_size:
-        _, old = _POOL.popitem(last=False)
-        old.close(shutdown_ray=False)
+    def close(self) -> None:
+        started = any(rt.started_ray for rt in self._warm.values())
+        while self._warm:
+            self._warm.popitem()[1].close(shutdown_ray=False)
+        if started:
+            import ray
+            ray.shutdown()
+
+    def __enter__(self) -> "RuntimePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.megatron import LossSettings, TrainBatch, TrainerSettings
+from ..backends.megatron import LossSettings, TeacherRows, TrainBatch, TrainerSettings
 from .cluster import Placement, node_address, trainer_placement_group
 
 
@@ -29,25 +29,25 @@ class TrainerActor:
 
     def setup(self, *, rank: int, world_size: int, master: tuple[str, int], settings: TrainerSettings,
               threads: int | None) -> dict:
-        from .serialization import register_fast_tensor_serializer
+        from ..serialization import register_fast_tensor_serializer
         register_fast_tensor_serializer()
         if threads:
             torch.set_num_threads(threads)
-        from ..backends.megatron import init_distributed
-        from .opd_trainer import OPDTrainer
+        from ..backends.megatron import MegatronTrainer, init_distributed
         ctx = init_distributed(rank=rank, world_size=world_size, master_addr=master[0], master_port=master[1],
                                tensor_parallel=settings.parallel.tensor_parallel, seed=settings.seed)
-        self.trainer = OPDTrainer(settings, ctx)
+        self.trainer = MegatronTrainer(settings, ctx)
         self.ctx = ctx
         return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank, "step": self.trainer.step}
 
     def reset(self, settings: TrainerSettings) -> int:
         """A fresh trainer (model, optimizer, teacher, resume) in this warm process; same parallel layout."""
         import gc
-        from .opd_trainer import OPDTrainer
+
+        from ..backends.megatron import MegatronTrainer
         self.trainer = None
         gc.collect()
-        self.trainer = OPDTrainer(settings, self.ctx)
+        self.trainer = MegatronTrainer(settings, self.ctx)
         return self.trainer.step
 
     def forward(self, batch: TrainBatch, kwargs: dict):
@@ -64,8 +64,7 @@ class TrainerActor:
                                                         num_samples=kw["num_samples"], num_tokens=kw["num_tokens"])
                 metrics.update({f"critic/{k}": v for k, v in critic.items()})
             metrics.update(self.trainer.train_step(st["batch"], st["advantages"], st["old_logprobs"],
-                                                   ref_logprobs=st["ref_logprobs"], teacher_rows=st["teacher_rows"],
-                                                   **kw))
+                                                   ref_logprobs=st["ref_logprobs"], teacher=st["teacher"], **kw))
             out.append(metrics)
         return out
 
@@ -144,18 +143,20 @@ class TrainerGroup:
                           response_lengths=[batch.response_lengths[i] for i in idx],
                           loss_masks=None if batch.loss_masks is None else [batch.loss_masks[i] for i in idx])
 
-    def _call(self, method: str, batch: TrainBatch, kwargs: dict):
-        """Call ``method`` on every rank with its DP share; returns the results of TP rank 0 per DP rank."""
-        shares = self._shares(len(batch), "a batch")
-        subs = [self._sub_batch(batch, idx) for idx in shares]        # TP ranks of a DP rank get the same share
-        results = _ray().get([getattr(r.actor, method).remote(subs[r.dp_rank], kwargs) for r in self.ranks])
-        return [res for r, res in zip(self.ranks, results) if r.tp_rank == 0], shares
+    @staticmethod
+    def _take_rows(teacher: TeacherRows | None, idx: list[int]) -> TeacherRows | None:
+        return None if teacher is None else teacher.take(idx)
 
     # ---- public API --------------------------------------------------------------------------------------
-    def forward(self, batch: TrainBatch, **kwargs):
-        """Forward-only scoring of the whole batch; a ForwardResult in batch order."""
+    def forward(self, batch: TrainBatch, *, advantages=None, teacher: TeacherRows | None = None, **kwargs):
+        """Forward-only scoring of the whole batch (``MegatronTrainer.forward``'s arguments; per-sample inputs are
+        split with the batch); a ForwardResult in batch order."""
         from ..backends.megatron import ForwardResult
-        per_dp, shares = self._call("forward", batch, kwargs)
+        shares = self._shares(len(batch), "a batch")
+        calls = [(self._sub_batch(batch, idx), {**kwargs, "advantages": self._take(advantages, idx),
+                                                "teacher": self._take_rows(teacher, idx)}) for idx in shares]
+        results = _ray().get([r.actor.forward.remote(*calls[r.dp_rank]) for r in self.ranks])
+        per_dp = [res for r, res in zip(self.ranks, results) if r.tp_rank == 0]  # TP ranks return the same
         merged = ForwardResult()
         for name in vars(merged):
             parts = [getattr(res, name) for res in per_dp]
@@ -169,13 +170,12 @@ class TrainerGroup:
 
     def train(self, batch: TrainBatch, advantages: list[torch.Tensor], old_logprobs: list[torch.Tensor], *,
               global_batch_size: int, loss: LossSettings, ref_logprobs=None, returns=None, old_values=None,
-              opd_full_kl_coef: float | None = None, teacher_rows=None, shuffle_seed: int = 0) -> dict[str, float]:
+              teacher: TeacherRows | None = None, shuffle_seed: int = 0) -> dict[str, float]:
         """Optimizer steps over the rollout in minibatches of ``global_batch_size`` samples (a random partition
         seeded by ``shuffle_seed``), each split over the DP ranks; ONE Ray call per rank carries all of them.
 
-        ``opd_full_kl_coef`` adds the exact-KL loss (``--opd-kl-mode full``; ``teacher_rows`` per sample from an
-        SGLang teacher, or None for the Megatron teacher). Returns the metrics averaged over the optimizer steps
-        (critic metrics prefixed ``critic/``).
+        ``teacher``: an SGLang teacher's rows for the OPD KL loss (loss modes; None for the Megatron teacher).
+        Returns the metrics averaged over the optimizer steps (critic metrics prefixed ``critic/``).
         """
         # Minibatches are a seeded random partition of the rollout (advantages are already computed per group):
         # measured on the toy task, contiguous minibatches (whole prompt groups) learn markedly slower.
@@ -183,7 +183,7 @@ class TrainerGroup:
         per_dp: list[list[dict]] = [[] for _ in range(self.dp)]   # TP ranks of a DP rank get the same steps
         for start in range(0, len(batch), global_batch_size):
             idx = sorted(order[start:start + global_batch_size])
-            kwargs = {"loss": loss, "opd_full_kl_coef": opd_full_kl_coef,
+            kwargs = {"loss": loss,
                       "num_samples": float(len(idx)) if loss.reduction == "sample_mean" else None,
                       "num_tokens": float(sum(sum(batch.mask(i)) for i in idx))
                       if loss.reduction == "token_mean" else None}
@@ -192,7 +192,7 @@ class TrainerGroup:
                 per_dp[dp_rank].append({
                     "batch": self._sub_batch(batch, mine), "advantages": self._take(advantages, mine),
                     "old_logprobs": self._take(old_logprobs, mine), "ref_logprobs": self._take(ref_logprobs, mine),
-                    "teacher_rows": self._take(teacher_rows, mine), "returns": self._take(returns, mine),
+                    "teacher": self._take_rows(teacher, mine), "returns": self._take(returns, mine),
                     "old_values": self._take(old_values, mine), "kwargs": kwargs})
         results = _ray().get([r.actor.train_steps.remote(per_dp[r.dp_rank]) for r in self.ranks])
         steps = results[0]                       # metrics are global (reduced over DP inside the backend)

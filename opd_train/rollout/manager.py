@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..config import OPD_POST_PROCESS, OPD_REWARD_FUNC, RewardConfig, RolloutConfig
+from ..http import RequestFailed
+from ..types import Sample, Status
 from .data import Prompt
-from .engines import RequestFailed, SamplingParams
+from .engines import SamplingParams
 from .rewards import call_reward, dotted_name, get_reward_function, load_function
-from .sample import Sample, Status
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,13 @@ class RewardPlan:
     opd_task: str | None = None     # the task reward handed to the OPD reward hook (sglang mode)
 
 
-def plan_rewards(reward: RewardConfig, *, use_opd: bool, opd_type: str | None,
-                 opd_task_rm_path: str | None) -> RewardPlan:
+def plan_rewards(reward: RewardConfig, *, teacher: str | None, opd_task_rm_path: str | None) -> RewardPlan:
+    """``teacher``: the OPD plan's teacher ("sglang" | "megatron"), None without OPD."""
     builtin = dotted_name(get_reward_function(reward.rm_type)) if reward.rm_type else None
     metric = reward.eval_rm_type or reward.rm_type
-    metric = dotted_name(get_reward_function(metric)) if metric else (reward.custom_rm_path if not use_opd else None)
-    if use_opd and opd_type == "sglang":
+    metric = dotted_name(get_reward_function(metric)) if metric else (reward.custom_rm_path if teacher is None
+                                                                     else None)
+    if teacher == "sglang":
         return RewardPlan(reward=reward.custom_rm_path or OPD_REWARD_FUNC,
                           post_process=reward.custom_reward_post_process_path or OPD_POST_PROCESS,
                           metric=metric, opd_task=opd_task_rm_path or builtin)
@@ -89,7 +91,7 @@ class RolloutManager:
     def __init__(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan, *, engine_kind: str,
                  vocab_size: int, log_dir: str | None = None, engine_threads: int | None = None,
                  host: str = "127.0.0.1"):
-        from ..orchestration.serialization import register_fast_tensor_serializer
+        from ..serialization import register_fast_tensor_serializer
         register_fast_tensor_serializer()
         self.cfg, self.hf_dir, self.plan = rollout, hf_dir, plan
         self.args = args
@@ -176,7 +178,7 @@ class RolloutManager:
             out.append(Sample(index=group * n + j, group_index=group, prompt=prompt.text, label=prompt.label,
                               tokens=list(prompt.ids) + list(g.output_ids),
                               response=self.tokenizer.decode(g.output_ids, skip_special_tokens=True),
-                              response_length=len(g.output_ids), rollout_log_probs=list(g.output_logprobs),
+                              response_length=len(g.output_ids), rollout_logprobs=list(g.output_logprobs),
                               status=_status(g.finish_reason), metadata={"weight_version": g.weight_version}))
         return out
 

@@ -6,15 +6,15 @@
 
 ``async reward_func(args, sample)`` is awaited per sample as soon as that sample finishes generating, so teacher
 scoring overlaps the rest of the rollout. It scores ``sample.tokens`` under the teacher, stores the response-span
-log-probs on the sample (``sample.teacher_log_probs``, [response_length] fp32, length checked; plus
-``teacher_topk_ids`` / ``teacher_topk_log_probs`` [R, K] when a top-k is configured) and returns a dict:
+log-probs on the sample (``sample.teacher_logprobs``, [response_length] fp32; plus ``teacher_topk_ids`` /
+``teacher_topk_logprobs`` [R, K] when a top-k is configured) and returns a dict:
 ``{"reward": task reward or 0.0, "task_reward": float | None, "teacher_logprob_mean": float}``.
 
 ``post_process_rewards(args, samples) -> (raw_rewards, rewards)`` (slime's contract) scores, in one batched
-request, any sample the reward function did not reach, checks every non-aborted sample has teacher log-probs of
-exactly its response length, and returns the base-estimator rewards: 0.0 per sample for pure distillation, or the
-task reward when ``opd_task_rm_path`` is set (the reference throws the task reward away in this mode). Both lists
-are the same raw values: group normalisation belongs to the advantage estimator.
+request, any sample the reward function did not reach, checks every non-aborted sample has its teacher scores,
+and returns the base-estimator rewards: 0.0 per sample for pure distillation, or the task reward when
+``opd_task_rm_path`` is set (the reference throws the task reward away in this mode). Both lists are the same raw
+values: group normalisation belongs to the advantage estimator.
 
 Attributes read from ``args`` (the driver's config; absent attributes take the default):
 
@@ -23,8 +23,8 @@ Attributes read from ``args`` (the driver's config; absent attributes take the d
 ``rollout_temperature``     1.0       the student's sampling temperature (see the temperature contract below)
 ``vocab_size``              None      ids are validated against it before sending (SGLang dies on bad ids)
 ``opd_teacher_topk``        0         also fetch the teacher's top-K per response position; -1 = full distribution
-``opd_kl_at_t1``            False     the trainer scores the student's KL term at T=1 (allows T != 1 without -1 above)
-``opd_teacher_timeout``     60.0      seconds per attempt
+                                      (opd-train sets it from its OPD plan)
+``opd_teacher_timeout``     60.0      seconds per attempt (``opd_train.types.TEACHER_TIMEOUT``)
 ``opd_teacher_max_retries`` 5         retries on connection errors / 5xx / timeouts / malformed bodies (backoff x2)
 ``opd_teacher_backoff``     0.5       first backoff in seconds (capped at 10 s)
 ``opd_teacher_concurrency`` 64        requests in flight to the teacher at most (one shared session per process)
@@ -34,9 +34,8 @@ Attributes read from ``args`` (the driver's config; absent attributes take the d
 =========================== ========= ==================================================================================
 
 Temperature contract (SPEC §1): SGLang's teacher log-probs are at T=1. With ``rollout_temperature != 1`` the
-teacher's full distribution (``opd_teacher_topk = -1``) is rescaled exactly to T; otherwise the run is refused unless
-``opd_kl_at_t1`` says the trainer compares against the student at T=1. ``sample.metadata["teacher_temperature"]``
-records which temperature the stored teacher numbers are at.
+teacher's full distribution (``opd_teacher_topk = -1`` or V) is rescaled exactly to T; anything else is refused.
+``sample.metadata["teacher_temperature"]`` records which temperature the stored teacher numbers are at.
 """
 from __future__ import annotations
 
@@ -46,8 +45,8 @@ import inspect
 import threading
 from typing import Any
 
-from ..teacher.sglang import SGLangTeacher, SGLangTeacherConfig, generate_url
-from .sample import Sample, Status
+from ..teacher import SGLangTeacher, SGLangTeacherConfig, generate_url
+from ..types import TEACHER_CONCURRENCY, TEACHER_MAX_RETRIES, TEACHER_TIMEOUT, Sample, Status
 
 _TEACHERS: dict[tuple, SGLangTeacher] = {}
 _LOCK = threading.Lock()
@@ -66,11 +65,10 @@ def teacher_config_from_args(args: Any) -> SGLangTeacherConfig:
     return SGLangTeacherConfig(
         url=generate_url(url), vocab_size=vocab, top_logprobs_num=topk,
         temperature=float(getattr(args, "rollout_temperature", 1.0) or 1.0),
-        allow_t1_scores=bool(getattr(args, "opd_kl_at_t1", False)),
-        timeout=float(getattr(args, "opd_teacher_timeout", 60.0)),
-        max_retries=int(getattr(args, "opd_teacher_max_retries", 5)),
+        timeout=float(getattr(args, "opd_teacher_timeout", TEACHER_TIMEOUT)),
+        max_retries=int(getattr(args, "opd_teacher_max_retries", TEACHER_MAX_RETRIES)),
         backoff=float(getattr(args, "opd_teacher_backoff", 0.5)),
-        concurrency=int(getattr(args, "opd_teacher_concurrency", 64))).validate()
+        concurrency=int(getattr(args, "opd_teacher_concurrency", TEACHER_CONCURRENCY))).validate()
 
 
 def get_teacher(args: Any) -> SGLangTeacher:
@@ -127,7 +125,7 @@ async def _task_reward(args: Any, sample: Sample) -> float | None:
 
 
 def _reward_dict(task: float | None, sample: Sample) -> dict:
-    lp = sample.teacher_log_probs
+    lp = sample.teacher_logprobs
     mean = float(lp.mean()) if lp is not None and lp.numel() else 0.0
     return {"reward": task if task is not None else 0.0, "task_reward": task, "teacher_logprob_mean": mean}
 
@@ -167,17 +165,15 @@ def _side_loop() -> asyncio.AbstractEventLoop:
 def post_process_rewards(args: Any, samples: list[Sample], **kwargs: Any) -> tuple[list[float], list[float]]:
     """Fill what ``reward_func`` did not reach (batched), check teacher spans, return (raw_rewards, rewards)."""
     live = [s for s in samples if s.status != Status.ABORTED]
-    missing = [s for s in live if s.teacher_log_probs is None]
+    missing = [s for s in live if s.teacher_logprobs is None]
     if missing:
         get_teacher(args).score_samples(missing)
     for s in [s for s in live if s.reward is None]:
         s.reward = _reward_dict(_run_sync(_task_reward(args, s)), s)
-    for s in live:
-        lp = s.teacher_log_probs
-        if lp is None or tuple(lp.shape) != (s.response_length,):
-            raise ValueError(f"sample {s.index}: teacher log-probs have shape "
-                             f"{None if lp is None else tuple(lp.shape)} but the response has {s.response_length} "
-                             f"tokens; refusing to train on a misaligned teacher signal")
+    unscored = [s.index for s in live if s.teacher_logprobs is None]
+    if unscored:
+        raise ValueError(f"samples {unscored[:8]} have no teacher log-probs after scoring; refusing to train without "
+                         "the teacher signal")
     rewards = [_base_reward(s, args) for s in samples]
     return rewards, list(rewards)
 

@@ -17,7 +17,7 @@ import re
 from fractions import Fraction
 from typing import Any, Callable
 
-from .sample import Sample
+from ..types import Sample
 
 
 def exact_match(args: Any, sample: Sample) -> float:

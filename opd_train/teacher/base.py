@@ -2,8 +2,7 @@
 
 A teacher returns :class:`TeacherScores` for ``tokens = prompt + response``: the teacher log-prob of every response
 token (``[R]``) and, optionally, its top-k distribution at each response position (``[R, K]``; K = vocab size is
-the full distribution, which the exact-KL mode needs). ``temperature`` records the temperature of those numbers, so
-a trainer can refuse to compare a T-scaled student with a T=1 teacher (SPEC §1).
+the full distribution). ``temperature`` records the temperature of those numbers (SPEC §1).
 
 Implementations: :class:`~opd_train.teacher.sglang.SGLangTeacher` (HTTP, SGLang or our CPU engine). In Megatron
 mode the teacher runs inside the trainer's forward (``opd_train.backends.megatron``), not through this interface.
@@ -16,24 +15,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ..rollout.sample import Sample
+from ..types import Sample
 
 
 @dataclass
 class TeacherScores:
-    log_probs: torch.Tensor                     # [R] fp32: log p_T(response[r] | prompt, response[:r])
+    logprobs: torch.Tensor                     # [R] fp32: log p_T(response[r] | prompt, response[:r])
     topk_ids: torch.Tensor | None = None        # [R, K] int64, sorted by descending teacher probability
-    topk_log_probs: torch.Tensor | None = None  # [R, K] fp32
+    topk_logprobs: torch.Tensor | None = None  # [R, K] fp32
     temperature: float = 1.0                    # the temperature these log-probs are at
 
     def attach(self, sample: Sample) -> None:
-        """Store on ``sample`` after checking the span length (a shifted span would silently train on garbage)."""
-        if self.log_probs.shape != (sample.response_length,):
-            raise ValueError(f"teacher log-probs for sample {sample.index} have shape {tuple(self.log_probs.shape)} "
-                             f"but the sample has {sample.response_length} response tokens")
-        sample.teacher_log_probs = self.log_probs
+        """Store on ``sample`` (the wire parser made them exactly the response span of this sample's request)."""
+        sample.teacher_logprobs = self.logprobs
         sample.teacher_topk_ids = self.topk_ids
-        sample.teacher_topk_log_probs = self.topk_log_probs
+        sample.teacher_topk_logprobs = self.topk_logprobs
         sample.metadata["teacher_temperature"] = self.temperature
 
 

@@ -5,16 +5,16 @@ Request per sample (SPEC §3): ``input_ids = prompt + response``, ``max_new_toke
 SGLang's radix cache), plus ``top_logprobs_num = K`` when the teacher's top-k / full distribution is wanted.
 
 Robustness: one shared aiohttp session per process with a concurrency limit, a timeout per attempt, retries with
-exponential backoff on connection errors / 5xx / timeouts / malformed or misaligned bodies (:mod:`..rollout.engines.http`),
-ids validated before sending (SGLang 0.5.23 dies on negative or oversized ids), strict length checks through
-``opd_train.algo.align`` (the response span must be exactly response_len entries after the null), and the echoed
-ids must be ours (except SGLang's ``vocab_size - 1 -> 0`` echo quirk): a response for another sequence is never
-accepted. The final error names the URL.
+exponential backoff on connection errors / 5xx / timeouts / malformed or misaligned bodies (:mod:`opd_train.http`),
+ids validated before sending (SGLang 0.5.23 dies on negative or oversized ids), the length checks of
+:mod:`.wire` (the response span must be exactly response_len entries after the null), and the echoed ids must be
+ours (except SGLang's ``vocab_size - 1 -> 0`` echo quirk): a response for another sequence is never accepted. The
+final error names the URL.
 
 Temperature (SPEC §1): SGLang returns prompt log-probs at T=1 whatever the request says. With ``temperature != 1``
 this client needs the full distribution (``top_logprobs_num == vocab_size``) and rescales it exactly to T
-(``log_softmax(logp_1 / T)``), or ``allow_t1_scores=True``, meaning the trainer scores the student's KL term at
-T=1; anything else is refused at construction.
+(``log_softmax(logp_1 / T)``); anything else is refused at construction (the driver's OPD plan asks for the full
+distribution whenever the rollout temperature is not 1).
 """
 from __future__ import annotations
 
@@ -24,11 +24,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
-from ..algo.align import response_logprobs_from_sglang, response_topk_from_sglang
-from ..rollout.engines.http import AsyncHTTP, Coalescer, InvalidResponse, RetryPolicy
-from ..rollout.engines.sglang import validate_ids
+from ..http import AsyncHTTP, Coalescer, InvalidResponse, RetryPolicy, validate_ids
+from ..types import TEACHER_CONCURRENCY, TEACHER_MAX_RETRIES, TEACHER_TIMEOUT
 from .base import Teacher, TeacherScores
-
+from .wire import response_logprobs_from_sglang, response_topk_from_sglang
 
 
 def generate_url(url: str) -> str:
@@ -54,12 +53,11 @@ class SGLangTeacherConfig:
     vocab_size: int | None = None         # ids are checked against it before sending (strongly recommended)
     top_logprobs_num: int = 0             # 0: sampled-token log-probs only; K: also the top-K; vocab_size: full
     temperature: float = 1.0              # the student's rollout temperature
-    allow_t1_scores: bool = False         # trainer promises to score the student's KL term at T=1
-    timeout: float = 60.0
-    max_retries: int = 5
+    timeout: float = TEACHER_TIMEOUT
+    max_retries: int = TEACHER_MAX_RETRIES
     backoff: float = 0.5
     backoff_max: float = 10.0
-    concurrency: int = 64
+    concurrency: int = TEACHER_CONCURRENCY
     coalesce_ms: float = 2.0              # per-sample requests arriving within this window go out as one batch
     max_batch: int = 256                  # ... of at most this many sequences (0 ms = one request per sample)
 
@@ -77,13 +75,12 @@ class SGLangTeacherConfig:
             raise ValueError(f"coalesce_ms must be >= 0 and max_batch >= 1, got {self.coalesce_ms}, {self.max_batch}")
         if not self.temperature > 0:
             raise ValueError(f"rollout temperature must be > 0 for OPD, got {self.temperature}")
-        if self.temperature != 1.0 and not self.full_distribution and not self.allow_t1_scores:
+        if self.temperature != 1.0 and not self.full_distribution:
             raise ValueError(
                 f"rollout temperature is {self.temperature} but SGLang returns teacher log-probs at T=1 (it ignores "
                 f"the temperature for prompt log-probs), so the KL would compare a T-scaled student with a T=1 "
-                f"teacher. Either request the teacher's full distribution (top_logprobs_num = vocab_size = "
-                f"{self.vocab_size}; it is rescaled exactly to T), or have the trainer score the student's KL term "
-                f"at T=1 and say so (allow_t1_scores / --opd-kl-at-t1), or roll out at temperature 1.")
+                f"teacher. Request the teacher's full distribution (top_logprobs_num = vocab_size = "
+                f"{self.vocab_size}; it is rescaled exactly to T), or roll out at temperature 1.")
         return self
 
 
@@ -155,9 +152,9 @@ class SGLangTeacher(Teacher):
     # ------------------------------------------------------------------------------------------------ parsing
     def _empty(self) -> TeacherScores:
         k = self.config.top_logprobs_num
-        return TeacherScores(log_probs=torch.zeros(0), temperature=self.out_temperature,
+        return TeacherScores(logprobs=torch.zeros(0), temperature=self.out_temperature,
                              topk_ids=torch.zeros(0, k, dtype=torch.long) if k else None,
-                             topk_log_probs=torch.zeros(0, k) if k else None)
+                             topk_logprobs=torch.zeros(0, k) if k else None)
 
     def _parse(self, item: Any, ids: list[int], response_len: int) -> TeacherScores:
         meta = item.get("meta_info") if isinstance(item, dict) else None
@@ -167,11 +164,11 @@ class SGLangTeacher(Teacher):
         span = dict(prompt_len=prompt_len, response_len=response_len, logprob_start_len=start)
         entries = meta.get("input_token_logprobs")
         try:
-            log_probs = response_logprobs_from_sglang(entries, **span)
+            logprobs = response_logprobs_from_sglang(entries, **span)
         except (TypeError, ValueError) as exc:
             raise InvalidResponse(str(exc)) from exc
         self._check_echo(entries, ids[start:])
-        scores = TeacherScores(log_probs=log_probs, temperature=self.out_temperature)
+        scores = TeacherScores(logprobs=logprobs, temperature=self.out_temperature)
         k = self.config.top_logprobs_num
         if k:
             try:
@@ -180,7 +177,7 @@ class SGLangTeacher(Teacher):
                 raise InvalidResponse(str(exc)) from exc
             if top_ids.shape[1] != k:
                 raise InvalidResponse(f"asked for top_logprobs_num={k}, got {top_ids.shape[1]} per position")
-            scores.topk_ids, scores.topk_log_probs = top_ids, top_lps
+            scores.topk_ids, scores.topk_logprobs = top_ids, top_lps
             if self.config.full_distribution and self.config.temperature != 1.0:
                 self._rescale(scores, ids[prompt_len:])
         return scores
@@ -199,10 +196,10 @@ class SGLangTeacher(Teacher):
         order = scores.topk_ids.argsort(dim=1)
         if not bool((scores.topk_ids.gather(1, order) == torch.arange(order.shape[1])).all()):
             raise InvalidResponse("the full-distribution top-k does not list every token id exactly once")
-        full = scores.topk_log_probs.gather(1, order).double() / self.config.temperature   # [R, V], column = id
+        full = scores.topk_logprobs.gather(1, order).double() / self.config.temperature   # [R, V], column = id
         full = torch.log_softmax(full, dim=1).float()
-        scores.log_probs = full[torch.arange(len(response)), torch.tensor(response)]
-        scores.topk_log_probs = full.gather(1, scores.topk_ids)
+        scores.logprobs = full[torch.arange(len(response)), torch.tensor(response)]
+        scores.topk_logprobs = full.gather(1, scores.topk_ids)
 
 
 def _one(body: Any) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -53,6 +54,10 @@ class SFTSettings:
     batch_size: int
     seed: int
     warmup: int = 50
+    # Warmup-stable-decay: constant lr after the warmup, then a cosine decay from this step to 0 at ``steps``
+    # (None: constant to the end). Constant-lr iterates of these models swing by +-10 points of accuracy; the
+    # decay settles the teacher at 99.8% held-out with confident answers.
+    decay_start: int | None = None
     # Stop early once greedy accuracy on a validation sample of training-side pairs reaches this (checked every
     # ``check_every`` steps): the student's SFT is stopped at a target strength, which is far more reproducible
     # than a fixed step count (the carry is learnt in a sharp, seed-dependent transition).
@@ -96,13 +101,21 @@ def greedy_accuracy(model, pairs: list[task.Pair], max_new_tokens: int = 6) -> f
     return sum(correct) / len(pairs)
 
 
+def _lr_factor(settings: SFTSettings, step: int) -> float:
+    warm = min(1.0, (step + 1) / settings.warmup)
+    if settings.decay_start is None or step < settings.decay_start:
+        return warm
+    progress = (step - settings.decay_start) / max(1, settings.steps - settings.decay_start)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def train_sft(settings: SFTSettings, *, log=print) -> torch.nn.Module:
     """Cross-entropy on the answer tokens of fresh training-side pairs every step."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(settings.seed)
     model = Qwen3ForCausalLM(Qwen3Config(**settings.model.hf_config()))
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / settings.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(settings, s))
     rng = random.Random(settings.seed)
     validation = task.sample_pairs(random.Random(settings.seed + 999), 256, held_out=False)
     model.train()

@@ -39,26 +39,37 @@ def _table(rows: list[tuple[str, float, str]]) -> str:
 
 def write_results(out: str, *, teacher_acc: float, teacher_meta: dict, student_meta: dict, runs: dict,
                   results: dict, seconds: float) -> dict:
-    curves = {name: eval_curve(os.path.join(values["output_dir"], "metrics.jsonl")) for name, values in runs.items()}
-    student_acc = curves["opd"][0][1] if curves["opd"] and curves["opd"][0][0] == 0 else float("nan")
-    steps = runs["opd"]["num_rollout"]
-    samples = runs["opd"]["rollout_batch_size"] * runs["opd"]["n_samples_per_prompt"]
-    opd_final = results["opd"].get("eval/pass@1", float("nan"))
-    mode = f"{runs['opd'].get('opd_type')} teacher, {runs['opd'].get('opd_kl_mode', 'sampled')} KL"
-    rows = [("student SFT", student_acc, f"{student_meta['params']:,} params"),
-            ("student SFT + OPD", opd_final, f"{steps} steps x {samples} samples, {mode}")]
-    if "grpo" in results:
-        rows.append(("student SFT + GRPO (reward only)", results["grpo"].get("eval/pass@1", float("nan")),
-                     f"same steps and samples, lr {runs['grpo']['lr']:g}"))
+    """``runs``: name -> (table label, flag values). Prints the table; writes results.json and curves.png."""
+    curves = {name: eval_curve(os.path.join(values["output_dir"], "metrics.jsonl"))
+              for name, (_, values) in runs.items()}
+    first = next(iter(curves.values()))
+    student_acc = first[0][1] if first and first[0][0] == 0 else float("nan")
+    any_run = next(iter(runs.values()))[1]
+    steps, samples = any_run["num_rollout"], any_run["rollout_batch_size"] * any_run["n_samples_per_prompt"]
+    grpo = results.get("grpo", {}).get("eval/pass@1")
+    rows = [("student SFT", student_acc, f"{student_meta['params']:,} params")]
+    per_run = {}
+    for name, (label, values) in runs.items():
+        final = results[name].get("eval/pass@1", float("nan"))
+        lowest = min((acc for _, acc in curves[name]), default=float("nan"))
+        per_run[name] = {"label": label, "final": final, "lowest_eval": lowest,
+                         "max_drop_below_start": student_acc - lowest, "lr": values.get("lr")}
+        if values.get("use_opd"):
+            per_run[name].update(gap_closed=gap_closed(final, student_acc, teacher_acc),
+                                 beats_grpo=None if grpo is None else final > grpo)
+            closed = per_run[name]["gap_closed"]
+            note = (f"{steps} steps x {samples} samples, {values['opd_type']} teacher, lr {values['lr']:g}"
+                    + ("" if closed is None else f", closes {closed:.0%} of the gap"))
+        else:
+            note = f"same steps and samples, lr {values['lr']:g}"
+        rows.append((label, final, note))
     rows.append(("teacher", teacher_acc, f"{teacher_meta['params']:,} params"))
     table = _table(rows)
     summary = {
-        "table": {name: acc for name, acc, _ in rows}, "table_markdown": table,
-        "opd_gap_closed": gap_closed(opd_final, student_acc, teacher_acc),
-        "opd_beats_grpo": None if "grpo" not in results else opd_final > results["grpo"].get("eval/pass@1", 0.0),
+        "table": {name: acc for name, acc, _ in rows}, "table_markdown": table, "per_run": per_run,
         "eval_curves": curves, "num_rollout": steps, "samples_per_step": samples, "seconds": round(seconds, 1),
         "runs": {name: {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool, type(None)))}
-                 for name, values in runs.items()},
+                 for name, (_, values) in runs.items()},
         "sft": {"teacher": teacher_meta, "student": student_meta},
     }
     tmp = os.path.join(out, "results.json.tmp")
@@ -66,8 +77,10 @@ def write_results(out: str, *, teacher_acc: float, teacher_meta: dict, student_m
         json.dump(summary, f, indent=1)
     os.replace(tmp, os.path.join(out, "results.json"))
     plot_curves("", os.path.join(out, "curves.png"),
-                runs={name: os.path.join(v["output_dir"], "metrics.jsonl") for name, v in runs.items()})
-    closed = summary["opd_gap_closed"]
-    print(f"\n{table}\n\nOPD closed {closed:.0%} of the student -> teacher gap" if closed is not None else table)
+                runs={label: os.path.join(v["output_dir"], "metrics.jsonl") for label, v in runs.values()})
+    print(f"\n{table}\n")
+    for r in per_run.values():
+        print(f"{r['label']}: lowest evaluation {r['lowest_eval']:.1%} ({r['max_drop_below_start'] * 100:+.1f} points "
+              "below the start)".replace("+-", "-"))
     print(f"total {seconds:.0f} s; results: {os.path.join(out, 'results.json')}", flush=True)
     return summary

@@ -236,3 +236,12 @@ def test_bad_input_gets_a_clear_error(change, match):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         compute_advantages(kw.pop("estimator"), **kw)
+
+
+def test_the_registry_is_the_flag_vocabulary():
+    """--advantage-estimator's choices (opd_train.types) are exactly the registered estimators."""
+    from opd_train import types
+    from opd_train.config import AlgoConfig
+    from dataclasses import fields
+    choices = next(f for f in fields(AlgoConfig) if f.name == "advantage_estimator").metadata["choices"]
+    assert tuple(ESTIMATORS) == types.ESTIMATORS == tuple(choices)

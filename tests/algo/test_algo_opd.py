@@ -130,6 +130,41 @@ def test_policy_gradient_with_minus_k1_advantage_is_the_reverse_kl_gradient():
     assert float(opd_kernels.reverse_kl(stepped[None], teacher[None])[0]) < float(exact_kl.detach()) - 1e-3
 
 
+def _exact_policy_gradient(kind: str, theta: torch.Tensor, lp_t: torch.Tensor) -> torch.Tensor:
+    """E_{a ~ p}[grad of policy_loss with A = -k(d)] summed exactly over the V tokens (no sampling)."""
+    V = theta.shape[0]
+    lp_s = torch.log_softmax(theta, -1)
+    p = lp_s.detach().exp()
+    a = torch.arange(V)
+    new = lp_s[a][:, None]                                                               # [V, 1], one row per token
+    adv, _ = apply_opd(torch.zeros(V, 1, dtype=F64), new.detach(), lp_t[a][:, None], kl=kind)
+    loss, _ = policy_loss(new, new.detach(), adv * p[:, None], torch.ones(V, 1), reduction="token_mean",
+                          num_tokens=1.0)                                                # weight token a by p(a)
+    return torch.autograd.grad(loss, theta)[0]
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_what_each_estimator_optimises_as_an_advantage(kind):
+    """The expected policy gradient of each detached advantage, exactly, against the gradient of the objective the
+    docstring (algo/opd.py) and --help name: k1 -> KL(p||q); k2 -> E_p[d^2/2] - KL(p||q); k3 -> KL(p||q) - KL(q||p).
+    A loose claim (k3 "unbiased" for the reverse KL) fails here: its gradient differs from grad KL(p||q)."""
+    g = torch.Generator().manual_seed(11)
+    theta = (torch.randn(9, generator=g, dtype=F64) * 1.5).requires_grad_(True)       # student logits
+    lp_t = torch.log_softmax(torch.randn(9, generator=g, dtype=F64), -1)               # teacher log-probs
+    lp_s = torch.log_softmax(theta, -1)
+    p, q = lp_s.exp(), lp_t.exp()
+    reverse, forward = (p * (lp_s - lp_t)).sum(), (q * (lp_t - lp_s)).sum()
+    objective = {"k1": reverse, "k2": (p * 0.5 * (lp_s - lp_t) ** 2).sum() - reverse, "k3": reverse - forward}[kind]
+    want = torch.autograd.grad(objective, theta, retain_graph=True)[0]
+    got = _exact_policy_gradient(kind, theta, lp_t)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    reverse_grad = torch.autograd.grad(reverse, theta)[0]
+    if kind == "k1":
+        torch.testing.assert_close(got, reverse_grad, rtol=1e-9, atol=1e-12)
+    else:                                                   # not the reverse-KL gradient
+        assert float((got - reverse_grad).abs().max()) > 0.05 * float(reverse_grad.abs().max())
+
+
 @pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e != "ppo"])
 def test_zero_task_reward_plus_opd_is_pure_distillation(estimator):
     g = torch.Generator().manual_seed(4)

@@ -80,7 +80,7 @@ def test_defaults_and_args_view(env):
     clone = pickle.loads(pickle.dumps(args))               # crosses process boundaries (Ray)
     assert clone.rm_url == args.rm_url and clone.vocab_size == 16
     full = check(env["base"] + SGLANG + ["--opd-kl-mode", "full"])
-    assert full.args.opd_teacher_topk == -1                # the full teacher distribution is fetched
+    assert full.args.opd_teacher_topk == 16                # the full teacher distribution is fetched
 
 
 def test_boolean_flags(env):
@@ -174,13 +174,23 @@ INVALID = [
     (SGLANG + ["--custom-reward-post-process-path", "opd_train.rollout.rewards.exact_match"],
      "--custom-reward-post-process-path 'opd_train.rollout.rewards.exact_match': in sglang mode use "
      "opd_train.rollout.on_policy_distillation.post_process_rewards (or drop the flag)"),
-    (SGLANG + ["--rollout-temperature", "0.7"],
-     "--rollout-temperature 0.7: an SGLang teacher returns log-probs at T=1 only, and comparing a T-scaled student "
-     "with a T=1 teacher is wrong; use --opd-kl-mode full (the teacher's full distribution is rescaled to T exactly) "
-     "or --rollout-temperature 1"),
+    (SGLANG + ["--opd-kl-mode", "topk", "--opd-teacher-topk", "4", "--rollout-temperature", "0.7"],
+     "--rollout-temperature 0.7 with --opd-kl-mode topk: an SGLang teacher returns log-probs at T=1 only, and a "
+     "truncated top-k cannot be rescaled to T exactly; roll out at temperature 1"),
     (SGLANG + ["--opd-kl-mode", "full", "--opd-kl-estimator", "k3"],
-     "--opd-kl-estimator selects the sampled-token estimator; with --opd-kl-mode full the exact KL is used: drop one "
-     "of them"),
+     "--opd-kl-estimator selects the sampled-token estimator; with --opd-kl-mode full the KL is computed from the "
+     "teacher's distribution: drop one of them"),
+    (SGLANG + ["--opd-kl-mode", "topk"],
+     "--opd-kl-mode topk needs --opd-teacher-topk K (teacher log-probs per response position, e.g. 64)"),
+    (SGLANG + ["--opd-teacher-topk", "4"],
+     "--opd-teacher-topk is the K of --opd-kl-mode topk; add --opd-kl-mode topk or drop it"),
+    (SGLANG + ["--opd-kl-mode", "topk", "--opd-teacher-topk", "16"],
+     "--opd-teacher-topk 16 must be >= 1 and below the vocabulary size 16 (use --opd-kl-mode full for the whole "
+     "distribution)"),
+    (["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", "{teacher}", "--opd-kl-mode", "topk",
+      "--opd-teacher-topk", "4"],
+     "--opd-kl-mode topk is for an SGLang teacher; the Megatron teacher's logits are in the trainer: use "
+     "--opd-kl-mode full (the exact KL) or sampled"),
     (SGLANG + ["--opd-task-rm-path", "opd_train.rollout.rewards.math_reward", "--rm-type", "math"],
      "--opd-task-rm-path and --rm-type both name the task reward; keep one"),
     (["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", "{teacher}", "--opd-task-rm-path",
@@ -280,8 +290,16 @@ def test_teacher_vocab_and_tokenizer_must_match(env, tmp_path):
     other = tmp_path / "t2"
     write_model_dir(other / "iter_0000001" / "hf", vocab=32)
     (other / "latest_checkpointed_iteration.txt").write_text("1")
-    with pytest.raises(ConfigError, match=r"the teacher's vocab_size \(32, .*\) differs from the student's \(16, "):
+    with pytest.raises(ConfigError, match=r"the teacher's vocab_size \(32, .*\) differs from the student's \(16, .*"
+                                          r"has no tokenizer.json"):
         check(env["base"] + ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(other)])
+    padded = tmp_path / "padded"          # the same tokenizer, a larger (padded) embedding: accepted
+    write_model_dir(padded, vocab=32, tokenizer_vocab={"a": 0, "b": 1})
+    check(env["base"] + ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(padded)])
+    small = tmp_path / "small"
+    write_model_dir(small, vocab=8, tokenizer_vocab={"a": 0, "b": 1})
+    with pytest.raises(ConfigError, match="the teacher has 8 vocabulary rows but the student 16"):
+        check(env["base"] + ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", str(small)])
     swapped = tmp_path / "t3"
     write_model_dir(swapped, tokenizer_vocab={"a": 1, "b": 0})
     with pytest.raises(ConfigError, match="maps tokens differently from the student's"):
@@ -292,12 +310,34 @@ def test_teacher_vocab_and_tokenizer_must_match(env, tmp_path):
 
 def test_full_kl_over_http_refuses_large_vocab(env, tmp_path):
     big = write_model_dir(tmp_path / "big", vocab=MAX_FULL_KL_HTTP_VOCAB + 1)
-    argv = ["--hf-checkpoint", big, "--prompt-data", env["prompts"]] + SGLANG + ["--opd-kl-mode", "full"]
-    with pytest.raises(ConfigError, match=re.escape(
-            f"--opd-kl-mode full in sglang mode fetches the teacher's full distribution over HTTP (top_logprobs_num = "
-            f"vocab size = {MAX_FULL_KL_HTTP_VOCAB + 1}); above {MAX_FULL_KL_HTTP_VOCAB} that is too large")):
-        check(argv)
-    check(["--hf-checkpoint", big, "--prompt-data", env["prompts"]] + SGLANG)   # sampled mode is fine
+    base = ["--hf-checkpoint", big, "--prompt-data", env["prompts"]] + SGLANG
+    for extra, why in ((["--opd-kl-mode", "full"], "--opd-kl-mode full fetches"),
+                       (["--rollout-temperature", "0.7"], "--rollout-temperature 0.7 needs the teacher log-probs at T, "
+                                                          "i.e. fetching")):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"{why} the teacher's full distribution over HTTP (top_logprobs_num = vocab size = "
+                f"{MAX_FULL_KL_HTTP_VOCAB + 1}); above {MAX_FULL_KL_HTTP_VOCAB} that is too large: use --opd-kl-mode "
+                "topk --opd-teacher-topk K")):
+            check(base + extra)
+    assert check(base).plan.teacher_topk == 0                               # sampled mode at T = 1 is fine
+    assert check(base + ["--opd-kl-mode", "topk", "--opd-teacher-topk", "64"]).plan.teacher_topk == 64
+
+
+def test_the_opd_plan_is_decided_once(env):
+    """Every mode of the matrix resolves into one plan: the KL kind, where it acts, what the teacher sends."""
+    megatron = ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", env["teacher"]]
+    cases = [(SGLANG, ("sglang", "k1", 0, True)),
+             (SGLANG + ["--opd-kl-estimator", "k3"], ("sglang", "k3", 0, True)),
+             (SGLANG + ["--rollout-temperature", "0.7"], ("sglang", "k1", 16, True)),   # full dist, rescaled to T
+             (SGLANG + ["--opd-kl-mode", "full"], ("sglang", "full", 16, False)),
+             (SGLANG + ["--opd-kl-mode", "topk", "--opd-teacher-topk", "5"], ("sglang", "topk", 5, False)),
+             (megatron, ("megatron", "k1", 0, True)),
+             (megatron + ["--opd-kl-mode", "full", "--rollout-temperature", "0.7"], ("megatron", "full", 0, False))]
+    for extra, (teacher, kl, topk, sampled) in cases:
+        p = check(env["base"] + extra + ["--opd-kl-coef", "0.5"]).plan
+        assert (p.teacher, p.kl, p.teacher_topk, p.sampled) == (teacher, kl, topk, sampled), extra
+        assert (p.advantage_coef, p.loss_coef) == ((0.5, 0.0) if sampled else (0.0, 0.5))
+    assert check(env["base"] + ["--rm-type", "exact_match"]).plan is None
 
 
 def test_cli_reports_errors_before_anything_starts(env, monkeypatch, capsys):
@@ -313,7 +353,7 @@ def test_cli_reports_errors_before_anything_starts(env, monkeypatch, capsys):
     monkeypatch.setattr(experiment, "start_ray", boom)
     monkeypatch.setattr(runtime, "start_ray", boom)
     for argv in (env["base"] + ["--use-opd"], ["--opd-type", "sglang", "--opd-teacher-ckpt-step", "3"],
-                 ["--opd-kl-coef", "-3"], ["--rollout-temperature", "0.5", "--opd-kl-mode", "sampled"]):
+                 ["--opd-kl-coef", "-3"], ["--opd-kl-mode", "topk"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2

@@ -39,10 +39,13 @@ def ray_cluster():
     """One local Ray cluster; runs of the same shape reuse warm actors and engines (like the experiment does)."""
     import ray
 
-    from opd_train.orchestration.runtime import warm_runtimes
+    import e2e_helpers
+    from opd_train.orchestration.runtime import RuntimePool
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    with warm_runtimes():
-        yield
+    with RuntimePool() as pool:
+        e2e_helpers.POOL = pool
+        yield pool
+    e2e_helpers.POOL = None
     ray.shutdown()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+POOL = None       # the session's RuntimePool (conftest.ray_cluster): runs of one shape reuse warm actors
+
 
 def driver_values(toy, out, **overrides) -> dict:
     values = dict(hf_checkpoint=toy["student"], prompt_data=toy["train"], eval_prompt_data=toy["eval"],
@@ -17,7 +19,7 @@ def driver_values(toy, out, **overrides) -> dict:
 def run_driver(toy, out, **overrides) -> dict:
     from opd_train.config import build_config, validate
     from opd_train.train import run
-    return run(validate(build_config(driver_values(toy, out, **overrides))))
+    return run(validate(build_config(driver_values(toy, out, **overrides))), pool=POOL)
 
 
 def read_metrics(out) -> list[dict]:

@@ -18,11 +18,17 @@ def test_experiment_fast_writes_the_table(ray_cluster, tmp_path, capsys):
                      str(tmp_path / "cache"), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     table = results["table"]
-    assert set(table) == {"student SFT", "student SFT + OPD", "student SFT + GRPO (reward only)", "teacher"}
+    assert list(table) == ["student SFT", "student SFT + OPD (sampled k1, slime's objective)",
+                           "student SFT + OPD (exact KL)", "student SFT + GRPO (reward only)", "teacher"]
     assert all(0.0 <= v <= 1.0 for v in table.values())
-    assert [s for s, _ in results["eval_curves"]["opd"]][0] == 0
-    assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "opd" / "metrics.jsonl")
-    assert "| student SFT + OPD |" in capsys.readouterr().out
+    for name in ("opd_k1", "opd_exact", "grpo"):
+        assert [s for s, _ in results["eval_curves"][name]][0] == 0
+        assert os.path.isfile(out / name / "metrics.jsonl")
+    assert results["per_run"]["opd_k1"]["gap_closed"] is None or isinstance(results["per_run"]["opd_k1"]["gap_closed"],
+                                                                              float)
+    assert results["runs"]["opd_k1"]["opd_kl_estimator"] == "k1" and results["runs"]["opd_exact"]["opd_kl_mode"] == "full"
+    assert os.path.isfile(out / "curves.png")
+    assert "| student SFT + OPD (sampled k1, slime's objective) |" in capsys.readouterr().out
 
 
 def test_console_script_rejects_bad_flags_fast(tmp_path):

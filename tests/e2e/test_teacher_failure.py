@@ -22,7 +22,7 @@ def _kill_after_first_step(server, out, done: threading.Event):
 
 
 def test_dying_teacher_stops_with_a_resumable_checkpoint(toy, ray_cluster, tmp_path):
-    from opd_train.orchestration.support import TeacherUnavailable
+    from opd_train.types import TeacherUnavailable
     from opd_train.rollout.engines import launch_cpu_engine
     out, ckpt = tmp_path / "run", tmp_path / "ckpt"
     teacher = launch_cpu_engine(toy["teacher"], log_path=str(tmp_path / "teacher.log"))

@@ -1,5 +1,5 @@
 """Tensor-parallel vocabulary: 2 gloo processes, each holding half the vocabulary, must reproduce the unsharded
-ops (values and gradients) for token_logprobs, reverse_kl and opd_advantages, on every CPU backend."""
+ops (values and gradients) for token_logprobs, reverse_kl, topk_kl and opd_advantages, on every CPU backend."""
 from __future__ import annotations
 
 import os
@@ -83,6 +83,32 @@ def _check_opd_advantages(rank, x, teacher, tokens, ups, group):
             _close(a, b, f"opd_advantages {kl} {name}")
 
 
+def _teacher_topk(teacher, K=24):
+    """The teacher's top-K ids (spread over both shards) and fp32 log-probs, one unused slot, one padded id."""
+    vals, ids = torch.log_softmax(teacher.double(), -1).topk(K, -1)
+    ids = ids.clone()
+    ids[0, 0, -1], ids[2, 1, -2] = -1, WORLD * VOCAB_PER_RANK + 5
+    return ids, vals.float()
+
+
+def _check_topk_kl(rank, x, teacher, tokens, ups, group):
+    ids, lq = _teacher_topk(teacher)
+    mask = ups[1] > -0.8
+    full = x.clone().requires_grad_()
+    kl = ok.topk_kl(full, ids, lq, temperature=0.9, mask=mask)
+    (kl * ups[0]).sum().backward()
+    shard = _shard(x, rank).clone().requires_grad_()
+    kl_tp = ok.topk_kl(shard, ids, lq, temperature=0.9, mask=mask, process_group=group)
+    (kl_tp * ups[0]).sum().backward()
+    _close(kl_tp, kl, "topk_kl")
+    _close(shard.grad, _shard(full.grad, rank), "topk_kl grad", atol=1e-2 if x.dtype != torch.float32 else 2e-6)
+    out = ok.opd_advantages(x, tokens, ups[0], kl="topk", teacher_topk_ids=ids, teacher_topk_logprobs=lq, mask=mask)
+    out_tp = ok.opd_advantages(_shard(x, rank), tokens, ups[0], kl="topk", teacher_topk_ids=ids,
+                               teacher_topk_logprobs=lq, mask=mask, process_group=group)
+    for name, a, b in zip(out._fields, out_tp, out):
+        _close(a, b, f"opd_advantages topk {name}")
+
+
 def _worker(rank: int, init_file: str, backends: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -95,6 +121,7 @@ def _worker(rank: int, init_file: str, backends: list[str]) -> None:
                     _check_token_logprobs(rank, x, tokens, ups, group)
                     _check_reverse_kl(rank, x, teacher, ups, group)
                     _check_opd_advantages(rank, x, teacher, tokens, ups, group)
+                    _check_topk_kl(rank, x, teacher, tokens, ups, group)
     finally:
         dist.destroy_process_group()
 

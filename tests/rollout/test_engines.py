@@ -10,6 +10,7 @@ import torch
 
 from opd_train.rollout.engines import (ManagedServer, SamplingParams, SGLangEngine, is_sglang_available,
                                        launch_cpu_engine, launch_sglang_server)
+from opd_train.teacher import SGLangTeacher, SGLangTeacherConfig
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "sglang-0.5.23"
 MODEL_V1, MODEL_V2 = str(FIXTURES / "model"), str(FIXTURES / "model_v2")
@@ -49,13 +50,16 @@ def test_managed_cpu_engine_end_to_end(managed, hf):
             full = prompt + gen.output_ids
             ref = _ref_scores(hf["v1"], full)[len(prompt) - 1:]
             assert (torch.tensor(gen.output_logprobs) - ref).abs().max() <= 1e-5
-    scores = eng.score([P1, P2 + [5, 6]], start=[0, 3], top_logprobs_num=2)
-    assert (scores[0].logprobs - _ref_scores(hf["v1"], P1)).abs().max() <= 1e-5
-    assert (scores[1].logprobs - _ref_scores(hf["v1"], P2 + [5, 6])[3:]).abs().max() <= 1e-5
-    assert scores[1].top_ids.shape == (len(P2) + 2 - 3 - 1, 2)
+    teacher = SGLangTeacher(SGLangTeacherConfig(url=managed.url, vocab_size=1000, top_logprobs_num=2))
+    whole = asyncio.run(teacher.ascore(P1, len(P1) - 1))                       # scoring goes through the one client
+    assert (whole.logprobs - _ref_scores(hf["v1"], P1)).abs().max() <= 1e-5
+    tail = asyncio.run(teacher.ascore(P2 + [5, 6], len(P2) + 2 - 4))
+    assert (tail.logprobs - _ref_scores(hf["v1"], P2 + [5, 6])[3:]).abs().max() <= 1e-5
+    assert tail.topk_ids.shape == (len(P2) + 2 - 4, 2)
     eng.update_weights_from_disk(MODEL_V2, weight_version="step-1")
-    after = asyncio.run(eng.ascore([P1]))[0]
+    after = asyncio.run(teacher.ascore(P1, len(P1) - 1))
     assert (after.logprobs - _ref_scores(hf["v2"], P1)).abs().max() <= 1e-5
+    teacher.close()
     assert eng.generate([P1], SamplingParams(max_new_tokens=1))[0][0].weight_version == "step-1"
     eng.flush_cache()
     eng.pause()
@@ -109,13 +113,16 @@ def test_real_sglang_launch_generate_score_update(hf):
                                                         "--mem-fraction-static", "0.2"), health_timeout=900)
     try:
         eng = SGLangEngine(server=server, vocab_size=1000)
+        teacher = SGLangTeacher(SGLangTeacherConfig(url=server.url, vocab_size=1000))
         assert eng.health(generate=True)
-        scores = eng.score([P1], start=0)[0]
+        scores = asyncio.run(teacher.ascore(P1, len(P1) - 1))
         assert (scores.logprobs - _ref_scores(hf["v1"], P1)).abs().max() <= 1e-2   # bf16/tf32 kernels on GPU
         groups = eng.generate([P1, P2], SamplingParams(max_new_tokens=4), n=2)
         assert [len(g) for g in groups] == [2, 2]
         eng.update_weights_from_disk(MODEL_V2, weight_version="v2")
-        assert (eng.score([P1])[0].logprobs - _ref_scores(hf["v2"], P1)).abs().max() <= 1e-2
+        after = asyncio.run(teacher.ascore(P1, len(P1) - 1))
+        assert (after.logprobs - _ref_scores(hf["v2"], P1)).abs().max() <= 1e-2
+        teacher.close()
         eng.shutdown()
     finally:
         server.stop()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from opd_train.rollout import on_policy_distillation as opd
-from opd_train.rollout.sample import Sample, Status
-from opd_train.serving.loopback import LoopbackServer, Reply
+from opd_train.types import Sample, Status
+from loopback import LoopbackServer, Reply
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "sglang-0.5.23"
 PROMPTS = [[101, 7, 333, 58], [45, 812, 9], [17, 250, 3, 999, 42, 512]]
@@ -72,10 +72,10 @@ def test_reward_func_per_sample_concurrently(teacher_server, hf):
 
     rewards = asyncio.run(rollout())
     for s, r in zip(samples, rewards):
-        assert s.teacher_log_probs.dtype == torch.float32 and s.teacher_log_probs.shape == (s.response_length,)
-        assert (s.teacher_log_probs.double() - hf_response_logprobs(hf, s)).abs().max() <= 1e-5
+        assert s.teacher_logprobs.dtype == torch.float32 and s.teacher_logprobs.shape == (s.response_length,)
+        assert (s.teacher_logprobs.double() - hf_response_logprobs(hf, s)).abs().max() <= 1e-5
         assert r["reward"] == 0.0 and r["task_reward"] is None
-        assert r["teacher_logprob_mean"] == pytest.approx(float(s.teacher_log_probs.mean()))
+        assert r["teacher_logprob_mean"] == pytest.approx(float(s.teacher_logprobs.mean()))
         assert s.metadata["teacher_temperature"] == 1.0
     assert teacher_server.state.scheduler.stats.batches - before < len(samples)   # the engine batched them
     s = samples[0]
@@ -102,7 +102,7 @@ def test_task_reward_combined_with_opd(teacher_server, path, key, expected):
     samples = make_samples()
     for s in samples:
         s.reward = asyncio.run(opd.reward_func(args, s))
-        assert s.teacher_log_probs is not None
+        assert s.teacher_logprobs is not None
     raw, rewards = opd.post_process_rewards(args, samples)
     assert raw == rewards == expected
 
@@ -116,20 +116,20 @@ def test_post_process_scores_missing_samples_in_one_batch(teacher_server, hf):
     stats = teacher_server.state.scheduler.stats
     assert stats.scored_seqs - before[0] == len(samples) - 1 and stats.batches - before[1] == 1
     assert raw == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
-    assert samples[-1].teacher_log_probs is None                 # aborted: not scored, reward 0
+    assert samples[-1].teacher_logprobs is None                 # aborted: not scored, reward 0
     for s in samples[:-1]:
-        assert (s.teacher_log_probs.double() - hf_response_logprobs(hf, s)).abs().max() <= 1e-5
+        assert (s.teacher_logprobs.double() - hf_response_logprobs(hf, s)).abs().max() <= 1e-5
 
 
-def test_misaligned_teacher_span_is_refused(teacher_server):
-    args = args_for(teacher_server.url)
+def test_misaligned_teacher_span_is_refused():
+    """A span of the wrong length never reaches the kernels: the trainer's input check names the sample."""
+    from opd_train.backends.megatron import OPDSettings, TeacherRows, TrainBatch
     samples = make_samples()
-    for s in samples:
-        s.teacher_log_probs = torch.zeros(s.response_length)
-        s.reward = {"reward": 0.0}
-    samples[3].teacher_log_probs = torch.zeros(samples[3].response_length - 1)
-    with pytest.raises(ValueError, match="sample 3: teacher log-probs have shape"):
-        opd.post_process_rewards(args, samples)
+    rows = [torch.zeros(s.response_length) for s in samples]
+    rows[3] = torch.zeros(samples[3].response_length - 1)
+    with pytest.raises(ValueError, match=r"TeacherRows.logprobs\[3\] has shape \(\d+,\); the sample has \d+ "
+                                         "response tokens"):
+        TeacherRows(logprobs=rows).check(TrainBatch.from_samples(samples), OPDSettings())
 
 
 def test_full_distribution_at_rollout_temperature(teacher_server, hf):
@@ -137,7 +137,7 @@ def test_full_distribution_at_rollout_temperature(teacher_server, hf):
     s = make_samples()[0]
     asyncio.run(opd.reward_func(args, s))
     assert s.teacher_topk_ids.shape == (s.response_length, 1000) and s.metadata["teacher_temperature"] == 0.8
-    assert (s.teacher_log_probs.double() - hf_response_logprobs(hf, s, 0.8)).abs().max() <= 1e-5
+    assert (s.teacher_logprobs.double() - hf_response_logprobs(hf, s, 0.8)).abs().max() <= 1e-5
 
 
 def test_configuration_errors_are_clear():

@@ -7,7 +7,7 @@ import pytest
 
 from opd_train.rollout.rewards import (call_reward, exact_match, get_reward_function, last_boxed, math_equal,
                                        math_reward, normalize_math)
-from opd_train.rollout.sample import Sample
+from opd_train.types import Sample
 
 
 def sample(response: str, label):

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from opd_train.rollout.engines.http import RequestFailed
-from opd_train.serving.loopback import LoopbackServer, Reply
+from opd_train.http import RequestFailed
+from loopback import LoopbackServer, Reply
 from opd_train.teacher import SGLangTeacher, SGLangTeacherConfig, generate_url
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "sglang-0.5.23"
@@ -53,7 +53,7 @@ def test_fault_is_retried_then_succeeds(fault):
         srv.script(FAULTS[fault], FAULTS[fault])
         t = teacher(srv.url, timeout=0.3)
         scores = asyncio.run(t.ascore(IDS, 13))
-        assert torch.equal(scores.log_probs, EXPECTED)
+        assert torch.equal(scores.logprobs, EXPECTED)
         assert srv.count("/generate") == 3 and t.http.stats.retries == 2
         t.close()
 
@@ -89,7 +89,7 @@ def test_concurrency_limit_and_one_session():
             return await asyncio.gather(*(t.ascore(IDS, 13) for _ in range(20)))
 
         results = asyncio.run(many())
-        assert all(torch.equal(r.log_probs, EXPECTED) for r in results)
+        assert all(torch.equal(r.logprobs, EXPECTED) for r in results)
         assert 2 <= srv.peak_in_flight <= 4
         session = t.http._session
         asyncio.run(t.ascore(IDS, 13))             # a new event loop in the caller: still the same session
@@ -110,7 +110,7 @@ def test_concurrent_calls_are_coalesced_into_batches():
             return await asyncio.gather(*(t.ascore(IDS, 13) for _ in range(20)))
 
         results = asyncio.run(many())
-        assert all(torch.equal(r.log_probs, EXPECTED) for r in results)
+        assert all(torch.equal(r.logprobs, EXPECTED) for r in results)
         sizes = [len(b["input_ids"]) if isinstance(b["input_ids"][0], list) else 1 for _, b in srv.requests]
         assert sum(sizes) == 20 and len(sizes) == 3 and max(sizes) == 8
         assert srv.requests[0][1]["logprob_start_len"] == [10] * 8
@@ -121,7 +121,7 @@ def test_empty_response_needs_no_request_and_bad_lengths_are_refused():
     with LoopbackServer(default=GOOD) as srv:
         t = teacher(srv.url)
         empty = asyncio.run(t.ascore([1, 2, 3], 0))
-        assert empty.log_probs.shape == (0,) and srv.requests == []
+        assert empty.logprobs.shape == (0,) and srv.requests == []
         with pytest.raises(ValueError, match="prompt needs at least one token"):
             asyncio.run(t.ascore([1, 2, 3], 3))
         t.close()
@@ -139,7 +139,6 @@ def test_url_forms():
 def test_t_not_1_without_full_distribution_is_refused():
     with pytest.raises(ValueError, match="T=1 teacher"):
         SGLangTeacherConfig(url="http://h:1/generate", vocab_size=1000, temperature=0.7).validate()
-    SGLangTeacherConfig(url="http://h:1/generate", vocab_size=1000, temperature=0.7, allow_t1_scores=True).validate()
     SGLangTeacherConfig(url="http://h:1/generate", vocab_size=1000, temperature=0.7,
                         top_logprobs_num=1000).validate()
 
@@ -169,10 +168,10 @@ def test_real_engine_scores_equal_hf(engine_and_hf):
         ref = _hf_lp(hf, ids)
         p = len(ids) - r
         want = torch.tensor([ref[p - 1 + j, ids[p + j]].item() for j in range(r)])
-        assert (scores.log_probs - want).abs().max() <= 1e-5
+        assert (scores.logprobs - want).abs().max() <= 1e-5
         assert scores.topk_ids.tolist() == [ref[p - 1 + j].topk(4).indices.tolist() for j in range(r)]
         single = asyncio.run(t.ascore(ids, r))
-        assert (single.log_probs - scores.log_probs).abs().max() <= 1e-6
+        assert (single.logprobs - scores.logprobs).abs().max() <= 1e-6
     t.close()
 
 
@@ -182,11 +181,11 @@ def test_full_distribution_is_rescaled_exactly_to_t(engine_and_hf):
     scores = asyncio.run(t.ascore(IDS, 13))
     ref = _hf_lp(hf, IDS, 0.7)
     want = torch.tensor([ref[10 + j, IDS[11 + j]].item() for j in range(13)])
-    assert scores.temperature == 0.7 and (scores.log_probs - want).abs().max() <= 1e-5
-    dense = torch.full((13, 1000), float("nan")).scatter_(1, scores.topk_ids, scores.topk_log_probs)
+    assert scores.temperature == 0.7 and (scores.logprobs - want).abs().max() <= 1e-5
+    dense = torch.full((13, 1000), float("nan")).scatter_(1, scores.topk_ids, scores.topk_logprobs)
     assert (dense - ref[10:23].float()).abs().max() <= 1e-5
     t.close()
-    t1 = teacher(handle.url, temperature=0.7, allow_t1_scores=True)
+    t1 = teacher(handle.url)                                             # what SGLang returns: T = 1
     plain = asyncio.run(t1.ascore(IDS, 13))
-    assert plain.temperature == 1.0 and (plain.log_probs - scores.log_probs).abs().max() > 1e-3
+    assert plain.temperature == 1.0 and (plain.logprobs - scores.logprobs).abs().max() > 1e-3
     t1.close()

@@ -14,8 +14,8 @@ import pathlib
 import pytest
 import torch
 
-from opd_train.rollout.engines.http import RequestFailed
-from opd_train.serving.loopback import LoopbackServer, Reply
+from opd_train.http import RequestFailed
+from loopback import LoopbackServer, Reply
 from opd_train.teacher import SGLangTeacher, SGLangTeacherConfig
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "sglang-0.5.23"
@@ -69,12 +69,12 @@ def test_scoring_capture_replay(name):
     expected_request["sampling_params"] = {**expected_request["sampling_params"], "temperature": 1.0}
     assert sent == expected_request                    # otherwise exactly the request SGLang answered
     entries = cap["response"]["meta_info"]["input_token_logprobs"]
-    assert torch.equal(scores.log_probs, torch.tensor([e[0] for e in entries[1:]], dtype=torch.float32))
-    assert scores.log_probs.shape == (len(ids) - prompt_len,) and scores.temperature == 1.0
+    assert torch.equal(scores.logprobs, torch.tensor([e[0] for e in entries[1:]], dtype=torch.float32))
+    assert scores.logprobs.shape == (len(ids) - prompt_len,) and scores.temperature == 1.0
     if topk:
         tops = cap["response"]["meta_info"]["input_top_logprobs"][1:]
         assert scores.topk_ids.tolist() == [[e[1] for e in row] for row in tops]
-        assert torch.equal(scores.topk_log_probs, torch.tensor([[e[0] for e in r] for r in tops]))
+        assert torch.equal(scores.topk_logprobs, torch.tensor([[e[0] for e in r] for r in tops]))
 
 
 def test_score_batch_capture_replay():
@@ -87,7 +87,7 @@ def test_score_batch_capture_replay():
         sent = srv.requests[0][1]
     assert len(srv.requests) == 1 and sent["input_ids"] == seqs and sent["logprob_start_len"] == [0, 0, 0]
     for scores, item in zip(out, cap["response"]):
-        assert scores.log_probs.tolist() == [pytest.approx(e[0], abs=0) for e in
+        assert scores.logprobs.tolist() == [pytest.approx(e[0], abs=0) for e in
                                              item["meta_info"]["input_token_logprobs"][1:]]
 
 

@@ -20,12 +20,14 @@ because Megatron's checkpoint writer spawns a helper process)::
         temperature=1.0), ctx)
 
     batch = TrainBatch(tokens=[prompt + response, ...], response_lengths=[...], loss_masks=[...])
-    scored = trainer.forward(batch, actor=True, teacher=True, kl_mode="full")   # ForwardResult, per sample
-    #   scored.logprobs / .teacher_logprobs / .opd_kl / .ref_logprobs / .entropy / .values: list of [R_i]
-    metrics = trainer.train_step(batch, advantages, scored.logprobs, loss=LossSettings(eps_clip=0.2),
+    # with TrainerSettings(..., opd=OPDSettings(estimator="k1", advantage_coef=1.0)): the OPD forward, one fused
+    # opd_kernels.opd_advantages call per micro-batch -> old log-probs, KL term, A' = A - coef * KL_t
+    scored = trainer.forward(batch, advantages=base_advantages)   # Megatron teacher; or teacher=TeacherRows(...)
+    #   scored.logprobs / .advantages / .opd_kl / .teacher_logprobs / .ref_logprobs / .values: list of [R_i]
+    metrics = trainer.train_step(batch, scored.advantages, scored.logprobs, loss=LossSettings(eps_clip=0.2),
                                  num_samples=global_batch_size)                  # dict of floats
-    trainer.train_step(batch, advantages, old, opd_full_kl_coef=1.0)   # + exact reverse-KL loss to the teacher
-    trainer.train_step(batch, advantages, old, opd_full_kl_coef=1.0, teacher_rows=rows)  # dense [R_i, V] rows
+    # OPDSettings(estimator=None, advantage_coef=0, loss_coef=1.0): the exact (Megatron teacher) or top-K
+    # (TeacherRows(topk_ids=..., topk_logprobs=...)) reverse KL is added to the loss instead
     trainer.train_critic_step(batch, returns, old_values)                     # PPO with a critic
     trainer.maybe_save()                                                      # --save-interval
     trainer.save_checkpoint("ckpt/", step)       # DIR/iter_0000010 + latest_checkpointed_iteration.txt
@@ -43,18 +45,19 @@ Conversion (``tools/convert_hf_to_torch_dist.py``): :func:`convert_hf_to_torch_d
 :func:`convert_torch_dist_to_hf`, Qwen3 / Qwen2 / Llama, both directions.
 """
 from .arch import FAMILIES, ModelArch, arch_from_hf_config
-from .config import (BatchingSettings, CheckpointSettings, CriticSettings, LossSettings, ModelSource,
+from .config import (BatchingSettings, CheckpointSettings, CriticSettings, LossSettings, ModelSource, OPDSettings,
                      OptimizerSettings, ParallelSettings, PrecisionSettings, TeacherSettings, TrainerSettings)
 from .cpu_compat import cpu_compat
 from .dist import ParallelContext, destroy_distributed, init_distributed
 from .packing import TrainBatch
 from .tools import convert_hf_to_torch_dist, convert_torch_dist_to_hf
-from .trainer import ForwardResult, MegatronTrainer
+from .trainer import ForwardResult, MegatronTrainer, TeacherRows
 
 __all__ = [
     "FAMILIES", "BatchingSettings", "CheckpointSettings", "CriticSettings", "ForwardResult", "LossSettings",
-    "MegatronTrainer", "ModelArch", "ModelSource", "OptimizerSettings", "ParallelContext", "ParallelSettings",
-    "PrecisionSettings", "TeacherSettings", "TrainBatch", "TrainerSettings", "arch_from_hf_config",
+    "MegatronTrainer", "ModelArch", "ModelSource", "OPDSettings", "OptimizerSettings", "ParallelContext",
+    "ParallelSettings", "PrecisionSettings", "TeacherRows", "TeacherSettings", "TrainBatch", "TrainerSettings",
+    "arch_from_hf_config",
     "convert_hf_to_torch_dist", "convert_torch_dist_to_hf", "cpu_compat", "destroy_distributed",
     "init_distributed",
 ]

@@ -155,6 +155,32 @@ class TeacherSettings:
 
 
 @dataclass(frozen=True)
+class OPDSettings:
+    """On-policy distillation in the trainer (the driver's OPD plan, as the trainer needs it).
+
+    estimator: "k1" | "k2" | "k3": the KL term is that sampled-token estimator of d = lp_S - lp_T (the teacher's
+        log-prob of each sampled token: from the SGLang teacher's scores, or the Megatron teacher's logits);
+        None: the KL from the teacher's distribution (the Megatron teacher's logits: exact; an SGLang teacher's
+        top-K: the top-K + tail-bucket KL, exact for K = V).
+    advantage_coef: the forward returns A' = A - advantage_coef * KL_t (slime's objective for the estimators).
+    loss_coef: the train step adds loss_coef * reduce(KL_t) to the loss, differentiated through the fused kernel.
+    """
+    estimator: str | None = "k1"
+    advantage_coef: float = 1.0
+    loss_coef: float = 0.0
+
+    def __post_init__(self):
+        _require(self.estimator in (None, "k1", "k2", "k3"),
+                 f"OPDSettings.estimator={self.estimator!r}: use k1, k2, k3 or None (the teacher's distribution)")
+        for name in ("advantage_coef", "loss_coef"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                     f"OPDSettings.{name} must be a finite number >= 0, got {value!r}")
+        _require(self.loss_coef == 0 or self.estimator is None,
+                 "OPDSettings.loss_coef needs estimator=None: a sampled-token estimator is an advantage penalty")
+
+
+@dataclass(frozen=True)
 class CriticSettings:
     """PPO critic: a GPT trunk (initialised from ``source``) with a scalar value head, and its own optimizer."""
     source: ModelSource
@@ -167,6 +193,7 @@ class TrainerSettings:
 
     temperature: log-probs (student, reference, teacher) are computed from ``logits / temperature``; set it to
     the rollout temperature (SPEC section 1).
+    opd: on-policy distillation (the teacher is ``teacher``, or an SGLang teacher whose scores come with each batch).
     seed: for the caller to pass to ``init_distributed`` (it seeds torch and Megatron's RNG tracker there).
     """
     model: ModelSource
@@ -177,6 +204,7 @@ class TrainerSettings:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     reference: ModelSource | None = None
     teacher: TeacherSettings | None = None
+    opd: OPDSettings | None = None
     critic: CriticSettings | None = None
     temperature: float = 1.0
     seed: int = 1234

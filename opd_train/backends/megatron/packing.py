@@ -41,7 +41,7 @@ class TrainBatch:
 
     @classmethod
     def from_samples(cls, samples) -> "TrainBatch":
-        """Build from ``opd_train.rollout.sample.Sample`` objects (tokens, response_length, loss_mask)."""
+        """Build from ``opd_train.types.Sample`` objects (tokens, response_length, loss_mask)."""
         return cls(tokens=[list(s.tokens) for s in samples],
                    response_lengths=[int(s.response_length) for s in samples],
                    loss_masks=[list(s.get_loss_mask()) for s in samples])
@@ -99,6 +99,15 @@ class MicroBatch:
         out = per_sample[0].new_full((len(per_sample), width), fill)
         for i, t in enumerate(per_sample):
             out[i, : t.shape[0]] = t
+        return out
+
+    def place(self, per_sample: list[torch.Tensor], fill) -> torch.Tensor:
+        """Per-sample [R_i, ...] values (TrainBatch order) at this micro-batch's scoring rows: [S, ...], ``fill``
+        elsewhere (what the row kernels read next to ``targets``)."""
+        first = per_sample[self.sample_ids[0]]
+        out = torch.full((self.num_tokens, *first.shape[1:]), fill, dtype=first.dtype)
+        for i, (a, b) in zip(self.sample_ids, self.spans):
+            out[a:b] = per_sample[i]
         return out
 
     def span_mask(self) -> torch.Tensor:

@@ -6,7 +6,6 @@ data-parallel ranks receive disjoint shares of the global batch. Every public me
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, fields
@@ -15,8 +14,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from ... import hf
 from . import checkpoint as ckpt
-from . import scoring
+from . import opd, scoring
 from .batching import attach, check_same_batch, global_count, per_sample, reduce_metrics
 from .config import LossSettings, ModelSource, TrainerSettings
 from .cpu_compat import cpu_compat
@@ -24,31 +24,24 @@ from .dist import ParallelContext, current_context
 from .engine import ModelEngine, arch_of_dir, arch_of_source
 from .hf_io import write_hf_dir
 from .model import DTYPES
+from .opd import TeacherRows
 from .packing import MicroBatch, TrainBatch, pack_microbatches
-
-KL_MODES = ("sampled", "full")
 
 
 @dataclass
 class ForwardResult:
-    """Per-sample response-span tensors ([R_i] fp32, CPU, batch order); None where not requested.
+    """Per-sample response-span tensors ([R_i] fp32, CPU, batch order); None where not computed.
 
-    opd_kl: the exact per-token KL(student || teacher) over the full vocabulary (``kl_mode="full"``).
+    OPD forward only: ``advantages`` = A - advantage_coef * KL_t, ``opd_kl`` = the per-token KL term (the sampled
+    estimator, or the KL from the teacher's distribution), ``teacher_logprobs`` = log p_T of the response tokens.
     """
     logprobs: list[torch.Tensor] | None = None
     entropy: list[torch.Tensor] | None = None
     ref_logprobs: list[torch.Tensor] | None = None
-    teacher_logprobs: list[torch.Tensor] | None = None
-    opd_kl: list[torch.Tensor] | None = None
     values: list[torch.Tensor] | None = None
-
-
-def _tokenizer_vocab(directory: str | None):
-    path = os.path.join(directory, "tokenizer.json") if directory else None
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("model", {}).get("vocab")
+    advantages: list[torch.Tensor] | None = None
+    opd_kl: list[torch.Tensor] | None = None
+    teacher_logprobs: list[torch.Tensor] | None = None
 
 
 class MegatronTrainer:
@@ -134,10 +127,10 @@ class MegatronTrainer:
                 engine.load_model_checkpoint(directory, step)
             else:
                 engine.load_hf(directory)
-            theirs, ours = _tokenizer_vocab(engine.tokenizer_src), _tokenizer_vocab(self.actor.tokenizer_src)
-            if theirs is not None and ours is not None and theirs != ours:
-                raise ValueError(f"the teacher's tokenizer ({engine.tokenizer_src}) maps tokens differently from "
-                                 f"the student's ({self.actor.tokenizer_src}); OPD compares the same token ids")
+            problem = hf.teacher_mismatch(self.actor.tokenizer_src, self.actor.arch.vocab_size,
+                                          engine.tokenizer_src, arch.vocab_size)
+            if problem:
+                raise ValueError(problem)
             self.teacher = engine
             self.teacher_offload = offload
             if offload:
@@ -150,40 +143,53 @@ class MegatronTrainer:
         return pack_microbatches(batch, self.settings.batching.max_tokens_per_microbatch,
                                  thd=self.actor.module.use_te, device=self.ctx.device)
 
-    def _check_forward_request(self, actor, ref, teacher, kl_mode, with_entropy, values) -> None:
-        if kl_mode not in KL_MODES:
-            raise ValueError(f"kl_mode={kl_mode!r}: use one of {KL_MODES}")
+    def _check_forward_request(self, batch, actor, with_entropy, ref, values, advantages, teacher) -> None:
+        if with_entropy and (not actor or advantages is not None):
+            raise ValueError("with_entropy=True needs actor=True and the plain forward (the OPD forward's fused op "
+                             "returns log-probs, KL and advantages; the train step reports the entropy)")
         for wanted, engine, what in ((ref, self.ref, "ref=True needs a reference model (TrainerSettings.reference)"),
-                                     (teacher, self.teacher, "teacher=True needs a Megatron teacher (load_teacher)"),
                                      (values, self.critic, "values=True needs a critic (TrainerSettings.critic)")):
             if wanted and engine is None:
                 raise ValueError(what)
-        if kl_mode == "full" and not (teacher and actor):
-            raise ValueError('kl_mode="full" needs actor=True and teacher=True (both logit rows)')
-        if with_entropy and not actor:
-            raise ValueError("with_entropy=True needs actor=True")
+        o = self.settings.opd
+        if advantages is not None:
+            if o is None or not actor:
+                raise ValueError("advantages= runs the OPD forward: it needs TrainerSettings.opd and actor=True")
+            if (teacher is None) == (self.teacher is None):
+                raise ValueError("the OPD forward needs exactly one teacher: the Megatron teacher (load_teacher) or "
+                                 "an SGLang teacher's TeacherRows (teacher=)")
+            teacher.check(batch, o) if teacher is not None else None
+        elif teacher is not None:
+            raise ValueError("teacher= rows are read by the OPD forward only (pass advantages=)")
 
-    def forward(self, batch: TrainBatch, *, actor: bool = True, ref: bool = False, teacher: bool = False,
-                kl_mode: str = "sampled", with_entropy: bool = False, values: bool = False) -> ForwardResult:
+    def forward(self, batch: TrainBatch, *, actor: bool = True, with_entropy: bool = False, ref: bool = False,
+                values: bool = False, advantages=None, teacher: TeacherRows | None = None) -> ForwardResult:
         """Forward-only scoring of the response spans, one packed micro-batch at a time (no gradients).
 
-        actor: student log-probs (the old policy's, when called before training); with_entropy adds entropy.
-        ref / teacher: reference / teacher log-probs of the same tokens, all at ``settings.temperature``.
-        kl_mode="full": also the exact per-token KL(student || teacher) from both logit rows (fused kernel);
-        at most the two logit tensors of one micro-batch exist at a time.
-        values: critic values at the scoring rows.
+        actor: student log-probs (the old policy's, when called before training); with_entropy adds the entropy.
+        ref: reference log-probs.
+        values: critic values at the scoring rows. All at ``settings.temperature``.
+        advantages: per-sample base advantages ([R_i] list or padded [B, R_max]): the OPD forward
+            (``settings.opd``, module ``opd``): per micro-batch ONE fused ``opd_kernels.opd_advantages`` call on the
+            student logits gives ``logprobs``, ``opd_kl`` and ``advantages`` = A - advantage_coef * KL_t, with the
+            Megatron teacher's logits of the same micro-batch or ``teacher`` (an SGLang teacher's rows).
         """
-        self._check_forward_request(actor, ref, teacher, kl_mode, with_entropy, values)
-        want = dict(actor=actor, ref=ref, teacher=teacher, full=kl_mode == "full", entropy=with_entropy,
-                    values=values)
+        self._check_forward_request(batch, actor, with_entropy, ref, values, advantages, teacher)
         with cpu_compat(), torch.no_grad():
             mbs = self._pack(batch)
-            if teacher:
+            if advantages is not None:
+                base = per_sample(advantages, batch, "advantages")
+                for mb in mbs:
+                    mb.extras["adv_rows"] = mb.place(base, 0.0).to(self.ctx.device)
+                opd.attach_teacher(mbs, teacher, self.ctx.device)
+            megatron_teacher = advantages is not None and self.teacher is not None
+            if megatron_teacher:
                 self.teacher.onload()
             try:
+                want = dict(actor=actor, entropy=with_entropy, ref=ref, values=values, opd=advantages is not None)
                 per_mb = [self._score(mb, want) for mb in mbs]
             finally:
-                if teacher and self.teacher_offload:
+                if megatron_teacher and self.teacher_offload:
                     self.teacher.offload()
         result = ForwardResult()
         for f in fields(ForwardResult):
@@ -195,25 +201,26 @@ class MegatronTrainer:
                 setattr(result, f.name, ordered)
         return result
 
+    def _kw(self) -> dict:
+        return dict(temperature=self.temperature, tp_group=self.ctx.tp_group, tp_size=self.ctx.tp_size)
+
     def _score(self, mb: MicroBatch, want: dict) -> dict[str, list[torch.Tensor]]:
-        kw = dict(temperature=self.temperature, tp_group=self.ctx.tp_group, tp_size=self.ctx.tp_size)
         rows: dict[str, torch.Tensor] = {}
-        student = None
         if want["actor"]:
             student = self.actor(mb)
-            out = scoring.token_logprobs(student, mb, with_entropy=want["entropy"], **kw)
-            rows["logprobs"], rows["entropy"] = out if want["entropy"] else (out, None)
+            if want["opd"]:
+                teacher_logits = self.teacher(mb) if self.teacher is not None else None
+                rows.update(opd.forward_rows(mb, student, teacher_logits, self.settings.opd, **self._kw()))
+                del teacher_logits
+            elif want["entropy"]:
+                rows["logprobs"], rows["entropy"] = scoring.token_logprobs(student, mb, with_entropy=True, **self._kw())
+            else:
+                rows["logprobs"] = scoring.token_logprobs(student, mb, **self._kw())
         if want["ref"]:
-            rows["ref_logprobs"] = scoring.token_logprobs(self.ref(mb), mb, **kw)
-        if want["teacher"]:
-            teacher_logits = self.teacher(mb)
-            rows["teacher_logprobs"] = scoring.token_logprobs(teacher_logits, mb, **kw)
-            if want["full"]:
-                rows["opd_kl"] = scoring.exact_reverse_kl(student, teacher_logits, mb, **kw)
-            del teacher_logits
+            rows["ref_logprobs"] = scoring.token_logprobs(self.ref(mb), mb, **self._kw())
         if want["values"]:
             rows["values"] = scoring.values(self.critic(mb))
-        return {k: mb.split_rows(v) for k, v in rows.items() if v is not None}
+        return {k: mb.split_rows(v) for k, v in rows.items()}
 
     # ---- training ----------------------------------------------------------------------------------------
     def _run_schedule(self, engine: ModelEngine, mbs: list[MicroBatch], loss_fn) -> list[dict]:
@@ -263,104 +270,74 @@ class MegatronTrainer:
         return metrics
 
     def train_step(self, batch: TrainBatch, advantages, old_logprobs, *, loss: LossSettings = LossSettings(),
-                   ref_logprobs=None, num_samples: float | None = None, num_tokens: float | None = None,
-                   opd_full_kl_coef: float | None = None, teacher_rows=None) -> dict[str, float]:
+                   ref_logprobs=None, teacher: TeacherRows | None = None, num_samples: float | None = None,
+                   num_tokens: float | None = None) -> dict[str, float]:
         """One optimizer step of the actor on this rank's share of the global batch.
 
         advantages / old_logprobs / ref_logprobs: per-sample [R_i] (list) or right-padded [B, R_max] tensors,
         the final (OPD-shaped, whitened) advantages and the behaviour-policy log-probs. ``num_samples``
         (sample_mean) / ``num_tokens`` (token_mean): the GLOBAL-batch count over all DP ranks; default: summed
-        over DP ranks here. Returns global metrics (loss, pg_loss, clipfrac, ..., grad_norm, lr).
+        over DP ranks here. Returns global metrics (loss, pg_loss, clipfrac, entropy, ..., grad_norm, lr).
 
-        opd_full_kl_coef: add ``coef * reduce(KL_t)`` to the loss, KL_t the exact reverse KL(student || teacher)
-        over the full vocabulary at each response token (``--opd-kl-mode full``; same reduction and normalisers
-        as the policy loss; gradient through the fused kernel's backward). The teacher side is the Megatron
-        teacher's logits on the same micro-batch, or ``teacher_rows``: per sample [R_i, V] teacher log-probs
-        (e.g. an SGLang teacher's full distribution) at the trainer's temperature.
+        With ``settings.opd.loss_coef > 0`` the loss gains ``loss_coef * reduce(KL_t)`` (same reduction and
+        normalisers as the policy loss; gradient through the fused kernel's backward): KL_t from the Megatron
+        teacher's logits of the same micro-batch (exact), or from ``teacher`` (an SGLang teacher's top-K).
         """
         if loss.ref_kl_coef and ref_logprobs is None:
             raise ValueError("LossSettings.ref_kl_coef > 0 needs ref_logprobs")
-        kl_term = self._check_kl_term(batch, opd_full_kl_coef, teacher_rows)
+        kl_loss = self.settings.opd is not None and self.settings.opd.loss_coef > 0
+        if kl_loss and (teacher is None) == (self.teacher is None):
+            raise ValueError("the OPD KL loss needs exactly one teacher: the Megatron teacher or teacher=TeacherRows")
+        if teacher is not None:
+            if not kl_loss:
+                raise ValueError("teacher= rows are read by the OPD KL loss only (OPDSettings.loss_coef > 0)")
+            teacher.check(batch, self.settings.opd)
         with cpu_compat():
             mbs = self._pack(batch)
             attach(mbs, self.ctx.device, adv=per_sample(advantages, batch, "advantages"),
                    old=per_sample(old_logprobs, batch, "old_logprobs"),
                    ref=None if ref_logprobs is None else per_sample(ref_logprobs, batch, "ref_logprobs"))
+            opd.attach_teacher(mbs, teacher, self.ctx.device)
             norm_kw, norm, count = self._normaliser(batch, loss.reduction, num_samples, num_tokens, len(mbs))
-            use_teacher = kl_term is not None and teacher_rows is None
-            if use_teacher:
+            megatron_teacher = kl_loss and self.teacher is not None
+            if megatron_teacher:
                 self.teacher.onload()
             try:
-                per_mb = self._run_schedule(self.actor, mbs, partial(self._actor_loss, loss, norm_kw, kl_term))
+                per_mb = self._run_schedule(self.actor, mbs, partial(self._actor_loss, loss, norm_kw, kl_loss))
             finally:
-                if use_teacher and self.teacher_offload:
+                if megatron_teacher and self.teacher_offload:
                     self.teacher.offload()
             metrics = self._optimizer_step(self.actor, per_mb, scale=norm / count)
         self.step += 1
         metrics["step"] = float(self.step)
         return metrics
 
-    def _check_kl_term(self, batch: TrainBatch, coef, teacher_rows):
-        if coef is None:
-            if teacher_rows is not None:
-                raise ValueError("teacher_rows are only used with opd_full_kl_coef")
-            return None
-        if not coef >= 0:
-            raise ValueError(f"opd_full_kl_coef must be >= 0, got {coef}")
-        if teacher_rows is None and self.teacher is None:
-            raise ValueError("opd_full_kl_coef needs teacher_rows or a Megatron teacher (load_teacher)")
-        if teacher_rows is not None:
-            if len(teacher_rows) != len(batch):
-                raise ValueError(f"teacher_rows has {len(teacher_rows)} entries for {len(batch)} samples")
-            for i, (rows, r) in enumerate(zip(teacher_rows, batch.response_lengths)):
-                if tuple(rows.shape) != (r, self.actor.arch.vocab_size):
-                    raise ValueError(f"teacher_rows[{i}] has shape {tuple(rows.shape)}, expected "
-                                     f"({r}, {self.actor.arch.vocab_size}) (response length, vocab size)")
-        return float(coef), teacher_rows
-
-    def _actor_loss(self, settings: LossSettings, norm_kw: dict, kl_term, mb: MicroBatch, output: torch.Tensor):
+    def _actor_loss(self, settings: LossSettings, norm_kw: dict, kl_loss: bool, mb: MicroBatch,
+                    output: torch.Tensor):
         loss, metrics = self._policy_loss(settings, norm_kw, mb, output)
-        if kl_term is None:
+        if not kl_loss:
             return loss, metrics
         from opd_train.algo import reduce_tokens
-        coef, rows = kl_term
         with torch.no_grad():
-            teacher_logits = self.teacher(mb) if rows is None else self._dense_teacher_logits(mb, rows, output)
-        kl = scoring.exact_reverse_kl(output, teacher_logits, mb, temperature=self.temperature,
-                                      tp_group=self.ctx.tp_group, tp_size=self.ctx.tp_size)       # [S]
+            teacher_logits = self.teacher(mb) if self.teacher is not None else None
+        kl = opd.loss_kl(mb, output, teacher_logits, **self._kw())                          # [S]
         mask = mb.span_mask()
         kl_spans = mb.pad_spans(mb.split_rows(kl))
-        total = loss + coef * reduce_tokens(kl_spans, mask, settings.reduction, **norm_kw)
+        total = loss + self.settings.opd.loss_coef * reduce_tokens(kl_spans, mask, settings.reduction, **norm_kw)
         opd_kl = (kl_spans.detach() * mask).sum() / mask.sum().clamp(min=1)
         return total, {**metrics, "loss": total.detach(), "opd_kl": opd_kl}
 
-    def _dense_teacher_logits(self, mb: MicroBatch, rows: list[torch.Tensor], student_logits: torch.Tensor):
-        """Teacher log-prob rows placed at the micro-batch's scoring rows, this rank's vocabulary slice.
-
-        Other rows stay 0 (their KL is masked out). The rows are normalised log-probs at temperature T and the
-        fused op divides its inputs by T, so they are pre-multiplied by T: softmax(rows * T / T) = exp(rows).
-        """
-        shard = student_logits.shape[-1]
-        start = self.ctx.tp_rank * shard
-        # The fused op takes both inputs in one dtype: the student's.
-        out = torch.zeros((1, mb.num_tokens, shard), dtype=student_logits.dtype, device=student_logits.device)
-        for i, (a, b) in zip(mb.sample_ids, mb.spans):
-            scaled = rows[i][:, start:start + shard].to(out.device, torch.float32) * self.temperature
-            out[0, a:b] = scaled.to(out.dtype)
-        return out
-
     def _policy_loss(self, settings: LossSettings, norm_kw: dict, mb: MicroBatch, output: torch.Tensor):
         from opd_train.algo import policy_loss
-        need_entropy = settings.entropy_coef != 0
-        out = scoring.token_logprobs(output, mb, temperature=self.temperature, tp_group=self.ctx.tp_group,
-                                     tp_size=self.ctx.tp_size, with_entropy=need_entropy)
-        logp, entropy = out if need_entropy else (out, None)
+        logp, entropy = scoring.token_logprobs(output, mb, with_entropy=True, **self._kw())
+        if settings.entropy_coef == 0:
+            entropy = entropy.detach()                  # the metric only: no entropy term in the backward
         mask = mb.span_mask()
         loss, metrics = policy_loss(
             mb.pad_spans(mb.split_rows(logp)), mb.extras["old"], mb.extras["adv"], mask,
             eps_clip=settings.eps_clip, eps_clip_high=settings.eps_clip_high, dual_clip=settings.dual_clip,
             sequence_level_ratio=settings.sequence_level_ratio, reduction=settings.reduction,
-            entropy=None if entropy is None else mb.pad_spans(mb.split_rows(entropy)),
+            entropy=mb.pad_spans(mb.split_rows(entropy)),
             entropy_coef=settings.entropy_coef, ref_logprobs=mb.extras.get("ref"),
             ref_kl_coef=settings.ref_kl_coef, ref_kl=settings.ref_kl, **norm_kw)
         return loss, {**metrics, "_ntok": mask.sum()}

@@ -1,14 +1,15 @@
 """Rollout engines: the interface the driver uses, the SGLang-protocol HTTP engine, managed server launch.
 
-- :class:`RolloutEngine` (``base.py``): ``agenerate`` / ``ascore`` (batched, one HTTP request each),
-  ``update_weights_from_disk``, ``health``, ``flush_cache``, ``pause`` / ``resume``, ``shutdown``; sync wrappers
-  ``generate`` / ``score``. :class:`SamplingParams`, :class:`Generation`, :class:`PromptScores` are its data.
+- :class:`RolloutEngine` (``base.py``): ``agenerate`` (batched, one HTTP request), ``update_weights_from_disk``,
+  ``health``, ``flush_cache``, ``pause`` / ``resume``, ``shutdown``; sync wrapper ``generate``.
+  :class:`SamplingParams` and :class:`Generation` are its data.
 - :class:`SGLangEngine` (``sglang.py``): that interface over SGLang's native HTTP API; drives a real SGLang server
   and our CPU engine (``opd_train.serving``) alike.
 - ``launch.py``: :func:`launch_sglang_server` (GPU machines; sglang is never imported, only looked for) and
   :func:`launch_cpu_engine` start a :class:`ManagedServer` subprocess, wait for ``/health`` and stop it cleanly.
-- ``http.py``: :class:`AsyncHTTP`, the shared retrying aiohttp client (also used by the SGLang teacher), and
-  :class:`Coalescer`, which merges concurrent per-group / per-sample calls into a few batched requests.
+
+The HTTP client underneath (retries, concurrency limit, request coalescing) is :mod:`opd_train.http`, shared
+with the SGLang teacher client (:mod:`opd_train.teacher`).
 
 Typical use::
 
@@ -18,11 +19,9 @@ Typical use::
     engine.update_weights_from_disk(exported_hf_dir, weight_version="step-3")
     engine.shutdown()
 """
-from .base import Generation, PromptScores, RolloutEngine, SamplingParams
-from .http import AsyncHTTP, Coalescer, InvalidResponse, RequestFailed, RetryPolicy
+from .base import Generation, RolloutEngine, SamplingParams
 from .launch import ManagedServer, free_port, is_sglang_available, launch_cpu_engine, launch_sglang_server
-from .sglang import SGLangEngine, validate_ids
+from .sglang import SGLangEngine
 
-__all__ = ["AsyncHTTP", "Coalescer", "Generation", "InvalidResponse", "ManagedServer", "PromptScores", "RequestFailed",
-           "RetryPolicy", "RolloutEngine", "SGLangEngine", "SamplingParams", "free_port", "is_sglang_available",
-           "launch_cpu_engine", "launch_sglang_server", "validate_ids"]
+__all__ = ["Generation", "ManagedServer", "RolloutEngine", "SGLangEngine", "SamplingParams", "free_port",
+           "is_sglang_available", "launch_cpu_engine", "launch_sglang_server"]

@@ -1,9 +1,8 @@
 """The rollout-engine interface the driver codes against (same calls for SGLang on GPU and our CPU engine).
 
-All token data is ids (no tokenizer in the engines). Log-prob conventions are SGLang's and hold for every engine:
-``Generation.output_logprobs`` are of the temperature-scaled sampling distribution (``log_softmax(logits / T)``,
-before top-k/top-p filtering); ``PromptScores.logprobs`` are always at T = 1 (SGLang ignores the temperature for
-prompt log-probs). The driver's temperature contract (SPEC §1) builds on exactly these two facts.
+All token data is ids (no tokenizer in the engines). ``Generation.output_logprobs`` are of the temperature-scaled
+sampling distribution (``log_softmax(logits / T)``, before top-k/top-p filtering), as SGLang returns them. Scoring
+sequences (prompt log-probs, always at T = 1 in SGLang) is the teacher client's job: ``opd_train.teacher``.
 """
 from __future__ import annotations
 
@@ -62,19 +61,6 @@ class Generation:
     meta: dict = field(default_factory=dict)   # the raw SGLang meta_info, minus the log-prob lists
 
 
-@dataclass
-class PromptScores:
-    """Prompt log-probs of one sequence from position ``start`` on (T = 1).
-
-    ``logprobs[j]`` = log p(ids[start + 1 + j] | ids[:start + 1 + j]), ``j = 0 .. len(ids) - start - 2`` (SGLang's
-    null first entry is dropped). ``top_ids`` / ``top_logprobs`` ([n, k]) when top-k was requested.
-    """
-
-    logprobs: torch.Tensor
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
-
-
 class RolloutEngine(abc.ABC):
     """An inference engine for rollouts (and, for the SGLang-protocol ones, teacher scoring)."""
 
@@ -83,11 +69,6 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     async def agenerate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[Generation]]:
         """Sample ``n`` continuations per prompt in ONE batched request; returns one list of n per prompt."""
-
-    @abc.abstractmethod
-    async def ascore(self, sequences: list[list[int]], *, start: int | list[int] = 0,
-                     top_logprobs_num: int = 0) -> list[PromptScores]:
-        """Prompt log-probs (T = 1) of each sequence from ``start`` on, in one batched request."""
 
     @abc.abstractmethod
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
@@ -118,9 +99,6 @@ class RolloutEngine(abc.ABC):
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[Generation]]:
         return _run(self.agenerate(prompts, params, n))
 
-    def score(self, sequences: list[list[int]], *, start: int | list[int] = 0,
-              top_logprobs_num: int = 0) -> list[PromptScores]:
-        return _run(self.ascore(sequences, start=start, top_logprobs_num=top_logprobs_num))
 
 
 def _run(coro):

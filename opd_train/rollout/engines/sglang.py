@@ -19,21 +19,9 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import Generation, PromptScores, RolloutEngine, SamplingParams
-from .http import AsyncHTTP, Coalescer, InvalidResponse, RequestFailed, RetryPolicy
+from .base import Generation, RolloutEngine, SamplingParams
+from ...http import AsyncHTTP, Coalescer, InvalidResponse, RequestFailed, RetryPolicy, validate_ids
 from .launch import ManagedServer
-
-
-def validate_ids(seqs: list[list[int]], vocab_size: int | None, what: str = "input_ids") -> None:
-    """Raise ValueError naming the first bad id (before anything is sent)."""
-    for i, seq in enumerate(seqs):
-        if not seq:
-            raise ValueError(f"{what}[{i}] is empty (SGLang 0.5.23 crashes on an empty item of a batch)")
-        for j, x in enumerate(seq):
-            if isinstance(x, bool) or not isinstance(x, int) or x < 0 or (vocab_size is not None and x >= vocab_size):
-                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
-                raise ValueError(f"{what}[{i}][{j}] = {x!r} is not a token id in {bound}; real SGLang crashes or "
-                                 f"silently scores another token on such ids")
 
 
 class SGLangEngine(RolloutEngine):
@@ -82,27 +70,6 @@ class SGLangEngine(RolloutEngine):
             out.append(groups[i:i + len(prompts)])
             i += len(prompts)
         return out
-
-    # ------------------------------------------------------------------------------------------------ score
-    async def ascore(self, sequences: list[list[int]], *, start: int | list[int] = 0,
-                     top_logprobs_num: int = 0) -> list[PromptScores]:
-        if not sequences:
-            return []
-        validate_ids(sequences, self.vocab_size)
-        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(sequences)
-        for i, (seq, k) in enumerate(zip(sequences, starts)):
-            if not 0 <= k < len(seq):
-                raise ValueError(f"start[{i}] = {k} must be in [0, {len(seq) - 1}] for a sequence of {len(seq)} ids")
-        payload: dict[str, Any] = {"input_ids": sequences, "sampling_params": {"max_new_tokens": 0,
-                                   "temperature": 1.0}, "return_logprob": True, "logprob_start_len": starts}
-        if top_logprobs_num:
-            payload["top_logprobs_num"] = top_logprobs_num
-
-        def check(body: Any) -> list[PromptScores]:
-            items = _as_list(body, len(sequences))
-            return [_scores(item, len(seq) - k, top_logprobs_num) for item, seq, k in zip(items, sequences, starts)]
-
-        return await self.http.post_json(f"{self.url}/generate", payload, check)
 
     # ------------------------------------------------------------------------------------------------ control
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
@@ -171,25 +138,6 @@ def _generation(prompt: list[int], item: dict, max_new_tokens: int) -> Generatio
     rest = {k: v for k, v in meta.items() if not k.endswith("logprobs")}
     return Generation(prompt_ids=list(prompt), output_ids=list(out), output_logprobs=[float(v) for v in values],
                       finish_reason=reason, weight_version=str(meta.get("weight_version", "default")), meta=rest)
-
-
-def _scores(item: dict, entries: int, top_k: int) -> PromptScores:
-    meta = item["meta_info"]
-    lps = meta.get("input_token_logprobs")
-    if not isinstance(lps, list) or len(lps) != entries:
-        raise InvalidResponse(f"expected {entries} input_token_logprobs entries, got {_len(lps)}")
-    values = [e[0] if isinstance(e, list) and e else None for e in lps[1:]]
-    if any(v is None or isinstance(v, bool) for v in values):
-        raise InvalidResponse("null log-prob after the first input_token_logprobs entry")
-    scores = PromptScores(logprobs=torch.tensor(values, dtype=torch.float32))
-    if top_k:
-        tops = meta.get("input_top_logprobs")
-        if not isinstance(tops, list) or len(tops) != entries or any(not isinstance(r, list) or len(r) != top_k
-                                                                    for r in tops[1:]):
-            raise InvalidResponse(f"expected {entries} input_top_logprobs rows of {top_k} entries")
-        scores.top_logprobs = torch.tensor([[e[0] for e in r] for r in tops[1:]], dtype=torch.float32)
-        scores.top_ids = torch.tensor([[e[1] for e in r] for r in tops[1:]], dtype=torch.int64)
-    return scores
 
 
 def _len(x: Any) -> str:

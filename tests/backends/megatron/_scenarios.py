@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from opd_train.backends.megatron import (BatchingSettings, CheckpointSettings, CriticSettings, LossSettings,
-                                         MegatronTrainer, ModelSource, OptimizerSettings, ParallelSettings,
-                                         PrecisionSettings, TeacherSettings, TrainBatch, TrainerSettings,
-                                         convert_hf_to_torch_dist, convert_torch_dist_to_hf, cpu_compat,
-                                         init_distributed)
+                                         MegatronTrainer, ModelSource, OPDSettings, OptimizerSettings,
+                                         ParallelSettings, PrecisionSettings, TeacherRows, TeacherSettings, TrainBatch,
+                                         TrainerSettings, convert_hf_to_torch_dist, convert_torch_dist_to_hf,
+                                         cpu_compat, init_distributed)
 from opd_train.backends.megatron import checkpoint as ckpt
 from opd_train.backends.megatron.engine import ModelEngine, arch_of_dir
 from opd_train.backends.megatron.dist import current_context
@@ -193,6 +193,9 @@ def after_crash(spec: dict, out: str) -> dict:
 
 
 # ---- the Megatron teacher -------------------------------------------------------------------------------------
+EXACT = OPDSettings(estimator=None, advantage_coef=0.0, loss_coef=1.0)       # the exact KL, as a loss term
+
+
 def teacher(spec: dict, out: str) -> dict:
     from opd_train.algo import apply_opd
     tdir, sdir = f"{out}/teacher_ckpt", f"{out}/student_dist"
@@ -200,17 +203,20 @@ def teacher(spec: dict, out: str) -> dict:
     convert_hf_to_torch_dist(spec["hf"]["teacher_b"], tdir, step=7)
     convert_hf_to_torch_dist(spec["hf"]["qwen3"], sdir, step=0)
     trainer = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=0.8,
-                                              teacher=TeacherSettings(load=tdir, step=3, offload=True)))
+                                              teacher=TeacherSettings(load=tdir, step=3, offload=True), opd=EXACT))
     batch = make_batch(21, 4)
+    zeros = [torch.zeros(r) for r in batch.response_lengths]
     before = trainer.actor_hf_tensors()
     res = {"batch": _batch_dict(batch), "temperature": 0.8}
-    res["step3"] = vars(trainer.forward(batch, teacher=True, kl_mode="full"))
+    res["step3"] = vars(trainer.forward(batch, advantages=zeros))
     trainer.load_teacher(tdir)
-    res["step7"] = vars(trainer.forward(batch, teacher=True, kl_mode="full", with_entropy=True))
+    res["step7"] = vars(trainer.forward(batch, advantages=zeros))
     res["errors"] = {}
+    plain = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"])))
     for label, call in (("missing", lambda: trainer.load_teacher(tdir, step=5)),
                         ("vocab", lambda: trainer.load_teacher(spec["hf"]["bad_vocab"])),
-                        ("full_without_teacher_flag", lambda: trainer.forward(batch, kl_mode="full"))):
+                        ("opd_without_settings", lambda: plain.forward(batch, advantages=zeros)),
+                        ("two_teachers", lambda: trainer.forward(batch, advantages=zeros, teacher=TeacherRows(zeros)))):
         try:
             call()
             res["errors"][label] = None
@@ -218,10 +224,12 @@ def teacher(spec: dict, out: str) -> dict:
             res["errors"][label] = f"{type(exc).__name__}: {exc}"
     after = trainer.actor_hf_tensors()
     res["student_unchanged"] = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    trainer.load_teacher(sdir)           # teacher == student
-    same = trainer.forward(batch, teacher=True, kl_mode="full")
+    trainer.load_teacher(sdir)           # teacher == student: the exact KL is 0 ...
+    res["same_exact_kl"] = trainer.forward(batch, advantages=zeros).opd_kl
+    sampled = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=0.8,
+                                              teacher=TeacherSettings(load=sdir), opd=OPDSettings("k1")))
+    same = sampled.forward(batch, advantages=zeros)                  # ... and so is every k1 penalty
     res["same"] = vars(same)
-    zeros = [torch.zeros(r) for r in batch.response_lengths]
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
     mask = pad([torch.tensor(m, dtype=torch.float32) for m in batch.loss_masks])
     adv, kl = apply_opd(pad(zeros), pad(same.logprobs), pad(same.teacher_logprobs), coef=1.0, response_mask=mask)
@@ -229,31 +237,66 @@ def teacher(spec: dict, out: str) -> dict:
     return res
 
 
+def fused_forward(spec: dict, out: str) -> dict:
+    """The OPD forward dispatches opd_kernels' fused op once per micro-batch (a profiler trace) and equals the
+    unfused path: token_logprobs of both models, then algo.apply_opd."""
+    from collections import Counter
+
+    from opd_train.algo import apply_opd
+    tdir = f"{out}/teacher_ckpt"                        # written by the teacher scenario (iterations 3 and 7)
+    batch = make_batch(27, 7)
+    base = per_sample_noise(list(range(7)), batch.response_lengths, 5)
+    settings = dict(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=0.9,
+                    batching=BatchingSettings(max_tokens_per_microbatch=64))
+    res = {"batch": _batch_dict(batch), "base": base, "microbatches": len(pack_microbatches(batch, 64))}
+    for estimator in ("k1", "k3"):
+        opd = OPDSettings(estimator=estimator, advantage_coef=0.6)
+        megatron = MegatronTrainer(TrainerSettings(**settings, teacher=TeacherSettings(load=tdir), opd=opd))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fused = megatron.forward(batch, advantages=base)
+        ops = Counter(e.name for e in prof.events() if e.name.startswith("opd_kernels::"))
+        unfused_student = megatron.forward(batch).logprobs             # the plain path: token_logprobs
+        sglang = MegatronTrainer(TrainerSettings(**settings, opd=opd))  # the same teacher numbers, sent as rows
+        rows = sglang.forward(batch, advantages=base, teacher=TeacherRows(logprobs=fused.teacher_logprobs))
+        pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+        # every response token (padding of the [B, T] layout aside): the loss mask applies later, in the loss
+        adv, kl = apply_opd(pad(base), pad(unfused_student), pad(fused.teacher_logprobs), coef=0.6, kl=estimator)
+        res[estimator] = {"ops": dict(ops), "fused": vars(fused), "rows": vars(rows), "unfused_student": unfused_student,
+                          "unfused_advantages": adv, "unfused_kl": kl}
+        del megatron, sglang
+    return res
+
+
 def kl_loss(spec: dict, out: str) -> dict:
-    """``opd_full_kl_coef``: the exact-KL loss with the Megatron teacher, and with dense teacher rows."""
+    """The exact-KL loss with the Megatron teacher, and with the teacher's full distribution sent as top-K rows
+    (K = V: an SGLang teacher's full distribution)."""
     import transformers
     temp, tdir = 0.8, f"{out}/teacher_ckpt"            # written by the teacher scenario (iterations 3 and 7)
     batch = make_batch(23, 4)
     with_teacher = MegatronTrainer(TrainerSettings(
         model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp, teacher=TeacherSettings(load=tdir),
-        optimizer=OptimizerSettings(lr=3e-3)))
-    f = with_teacher.forward(batch, teacher=True, kl_mode="full")
+        optimizer=OptimizerSettings(lr=3e-3), opd=EXACT))
     zeros = [torch.zeros(r) for r in batch.response_lengths]
+    f = with_teacher.forward(batch, advantages=zeros)
     res = {"batch": _batch_dict(batch), "forward_kl": f.opd_kl}
-    res["m_teacher"] = with_teacher.train_step(batch, zeros, f.logprobs, opd_full_kl_coef=1.0)
+    res["m_teacher"] = with_teacher.train_step(batch, zeros, f.logprobs)
     res["w_teacher"] = with_teacher.actor_hf_tensors()
-    res["later_kl"] = [with_teacher.train_step(batch, zeros, f.logprobs, opd_full_kl_coef=1.0)["opd_kl"]
-                       for _ in range(4)]
+    res["later_kl"] = [with_teacher.train_step(batch, zeros, f.logprobs)["opd_kl"] for _ in range(4)]
     hf_teacher = transformers.AutoModelForCausalLM.from_pretrained(spec["hf"]["teacher_b"], dtype=torch.float32)
-    rows = []
+    ids, lps, tlp = [], [], []
     with torch.no_grad():
         for toks, r in zip(batch.tokens, batch.response_lengths):
             logits = hf_teacher(torch.tensor([toks])).logits[0, len(toks) - r - 1: len(toks) - 1]
-            rows.append(torch.log_softmax(logits / temp, -1))
-    dense = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp,
-                                            optimizer=OptimizerSettings(lr=3e-3)))
-    res["m_rows"] = dense.train_step(batch, zeros, f.logprobs, opd_full_kl_coef=1.0, teacher_rows=rows)
-    res["w_rows"] = dense.actor_hf_tensors()
+            vals, top = torch.log_softmax(logits.double() / temp, -1).topk(logits.shape[-1], -1)
+            ids.append(top)
+            lps.append(vals.float())
+            tlp.append(vals.gather(-1, top.argsort(-1))[torch.arange(r), torch.tensor(toks[len(toks) - r:])].float())
+    rows = TeacherRows(logprobs=tlp, topk_ids=ids, topk_logprobs=lps)
+    sglang = MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), temperature=temp,
+                                             optimizer=OptimizerSettings(lr=3e-3), opd=EXACT))
+    res["forward_kl_rows"] = sglang.forward(batch, advantages=zeros, teacher=rows).opd_kl
+    res["m_rows"] = sglang.train_step(batch, zeros, f.logprobs, teacher=rows)
+    res["w_rows"] = sglang.actor_hf_tensors()
     return res
 
 

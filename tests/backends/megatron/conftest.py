@@ -38,7 +38,7 @@ def mg_out(tmp_path_factory):
 def single_run(hf_models, mg_out):
     """One single-process launch: conversion, packing, TP1/DP1 reference, uninterrupted run, teacher, critic..."""
     run_worker(mg_out, {"hf": hf_models},
-               ["convert", "packing", "parallel_ref", "resume_a", "teacher", "kl_loss", "critic"])
+               ["convert", "packing", "parallel_ref", "resume_a", "teacher", "fused_forward", "kl_loss", "critic"])
     return mg_out
 
 

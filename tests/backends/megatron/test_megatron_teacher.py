@@ -30,7 +30,7 @@ def test_teacher_of_another_size_and_the_asked_iteration(teacher, hf_models):
     assert _max_diff(teacher["step7"]["teacher_logprobs"], ref_b) <= 1e-5
     assert _max_diff(teacher["step3"]["teacher_logprobs"], ref_b) > 1e-2     # the two iterations really differ
     assert _max_diff(teacher["step7"]["logprobs"], student) <= 1e-5
-    # kl_mode="full": the exact KL(student || teacher) over the whole vocabulary, from both logit rows.
+    # the exact KL(student || teacher) over the whole vocabulary, from both logit rows (the fused op).
     exact = [(s.exp() * (s - t)).sum(-1) for s, t in zip(rows_s, rows_b)]
     assert _max_diff(teacher["step7"]["opd_kl"], exact) <= 1e-5
     assert all((k > 0).all() for k in teacher["step7"]["opd_kl"])
@@ -41,7 +41,8 @@ def test_teacher_errors_are_clear(teacher):
     assert errors["missing"].startswith("FileNotFoundError") and "iteration 5" in errors["missing"]
     assert "[3, 7]" in errors["missing"]                     # lists what is available
     assert "vocab_size=128" in errors["vocab"] and "256" in errors["vocab"]
-    assert "teacher=True" in errors["full_without_teacher_flag"]
+    assert "needs TrainerSettings.opd" in errors["opd_without_settings"]
+    assert "exactly one teacher" in errors["two_teachers"]
 
 
 def test_student_weights_stay_live_after_loading_teachers(teacher):
@@ -49,13 +50,40 @@ def test_student_weights_stay_live_after_loading_teachers(teacher):
 
 
 def test_teacher_equal_to_student_gives_zero_penalty(teacher):
+    assert max(kl.abs().max().item() for kl in teacher["same_exact_kl"]) <= 1e-6   # exact KL of identical rows
     same = teacher["same"]
-    for lp, tlp, kl in zip(same["logprobs"], same["teacher_logprobs"], same["opd_kl"]):
+    for lp, tlp, kl, adv in zip(same["logprobs"], same["teacher_logprobs"], same["opd_kl"], same["advantages"]):
         assert torch.equal(lp, tlp)                      # same weights, same micro-batch: identical rows
-        assert kl.abs().max().item() <= 1e-6             # exact KL of identical distributions
+        assert kl.abs().max().item() == 0.0 and adv.abs().max().item() == 0.0      # the fused op's k1 and A'
     penalty = teacher["same_penalty"]
     assert penalty["kl"].abs().max().item() == 0.0
     assert penalty["advantages"].abs().max().item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def fused(single_run):
+    return load_result(single_run, "fused_forward")
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_the_opd_forward_runs_the_fused_op_and_equals_the_unfused_path(fused, estimator):
+    """The trainer's OPD forward dispatches opd_kernels::opd_sampled_fwd once per micro-batch (a profiler trace of
+    MegatronTrainer.forward, the call the driver makes), computes the student's log-probs with it (no separate
+    token_logprobs pass over the student: the one token_logprobs per micro-batch is the Megatron teacher's), and
+    equals token_logprobs of both models + algo.apply_opd; an SGLang teacher's rows give the same result."""
+    r, n_mbs = fused[estimator], fused["microbatches"]
+    assert n_mbs > 1
+    assert r["ops"].get("opd_kernels::opd_sampled_fwd") == n_mbs
+    assert r["ops"].get("opd_kernels::token_logprobs_fwd") == n_mbs           # the teacher's token log-probs
+    f = r["fused"]
+    assert _max_diff(f["logprobs"], r["unfused_student"]) <= 1e-6
+    lengths = [len(x) for x in f["advantages"]]
+    unfused_adv = [r["unfused_advantages"][i, :n] for i, n in enumerate(lengths)]
+    unfused_kl = [r["unfused_kl"][i, :n] for i, n in enumerate(lengths)]
+    assert _max_diff(f["advantages"], unfused_adv) <= 1e-5 and _max_diff(f["opd_kl"], unfused_kl) <= 1e-5
+    assert _max_diff(f["advantages"], fused["base"]) > 1e-2                   # the penalty really is applied
+    for key in ("logprobs", "advantages", "opd_kl", "teacher_logprobs"):
+        assert _max_diff(r["rows"][key], f[key]) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +105,10 @@ def test_exact_kl_loss_value_and_learning(kl_loss):
     assert kl_loss["later_kl"][-1] < 0.7 * m["opd_kl"]
 
 
-def test_exact_kl_loss_from_dense_teacher_rows_equals_megatron_teacher(kl_loss):
-    """The same step with the teacher given as [R_i, V] log-prob rows (an SGLang teacher's full distribution)."""
+def test_exact_kl_loss_from_the_teacher_distribution_rows_equals_megatron_teacher(kl_loss):
+    """The same step with the teacher's full distribution as top-K rows (K = V, an SGLang teacher's), through the
+    top-K kernel: the forward KL and the training step equal the Megatron teacher's."""
+    assert _max_diff(kl_loss["forward_kl_rows"], kl_loss["forward_kl"]) <= 2e-5
     a, b = kl_loss["m_teacher"], kl_loss["m_rows"]
     for key in ("loss", "opd_kl", "grad_norm"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_train.algo import response_logprobs_from_sglang, response_topk_from_sglang
+from opd_train.teacher.wire import response_logprobs_from_sglang, response_topk_from_sglang
 
 # The real captures (and the tiny Qwen3 they served), vendored by the repo from ../shared/fixtures/sglang-0.5.23.
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "sglang-0.5.23"

@@ -1,6 +1,8 @@
-"""One shared aiohttp session per process, on its own event-loop thread, with retries and a concurrency limit.
+"""The SGLang-protocol HTTP client layer: one shared aiohttp session per process, on its own event-loop thread, with
+retries and a concurrency limit; request coalescing; token-id validation before anything is sent.
 
-Used by the engine client and the SGLang teacher client. Running the session on a private loop thread means the
+Used by the rollout engine client (``opd_train.rollout.engines``) and the SGLang teacher client
+(``opd_train.teacher``), which both sit above it. Running the session on a private loop thread means the
 same client works from any caller: plain synchronous code (``post_json_sync``), a Ray async actor, or another
 event loop (``await post_json(...)`` bridges with ``asyncio.wrap_future``), and one session (one connection pool)
 serves them all.
@@ -285,3 +287,15 @@ class Coalescer:
         for (_, waiter), result in zip(batch, results):
             if not waiter.done():
                 waiter.set_result(result)
+
+
+def validate_ids(seqs: list[list[int]], vocab_size: int | None, what: str = "input_ids") -> None:
+    """Raise ValueError naming the first bad id (before anything is sent)."""
+    for i, seq in enumerate(seqs):
+        if not seq:
+            raise ValueError(f"{what}[{i}] is empty (SGLang 0.5.23 crashes on an empty item of a batch)")
+        for j, x in enumerate(seq):
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0 or (vocab_size is not None and x >= vocab_size):
+                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise ValueError(f"{what}[{i}][{j}] = {x!r} is not a token id in {bound}; real SGLang crashes or "
+                                 f"silently scores another token on such ids")

@@ -1,0 +1,104 @@
+"""On-policy distillation inside the trainer, per packed micro-batch: the fused forward and the KL loss term.
+
+Forward (``MegatronTrainer.forward(batch, advantages=...)``): from the student logits it already holds, ONE call of
+``opd_kernels.opd_advantages`` per micro-batch gives the old log-probs, the per-token KL term and the adjusted
+advantages ``A' = A - advantage_coef * KL_t``. The teacher side is
+- the Megatron teacher: its logits on the same micro-batch (sampled estimators: its token log-probs, from one
+  ``token_logprobs`` pass; the distribution: the logits themselves, exact KL);
+- an SGLang teacher: :class:`TeacherRows` sent with the batch (sampled estimators: its token log-probs; the
+  distribution: its top-K (id, log-prob) pairs, K = V for the full distribution).
+In the loss modes (``OPDSettings.estimator is None``) advantage_coef is 0: the forward still returns the KL (the
+metric) and the log-probs, and the train step adds ``loss_coef * reduce(KL_t)``, differentiated through
+``reverse_kl`` (Megatron teacher) or ``topk_kl`` (SGLang teacher).
+
+Everything takes this rank's vocabulary shard [1, S, V/TP] and the TP group: logits are never gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import opd_kernels
+
+from .config import OPDSettings
+from .packing import IGNORE_INDEX, MicroBatch, TrainBatch
+
+
+@dataclass
+class TeacherRows:
+    """An SGLang teacher's scores of each sample's response, sent with the batch (batch order).
+
+    logprobs: per sample [R_i] log p_T of the response tokens (always: the metric and the sampled estimators).
+    topk_ids / topk_logprobs: per sample [R_i, K] the teacher's top-K at each response position (the
+        distribution modes; K = V for the full distribution).
+    """
+    logprobs: list[torch.Tensor]
+    topk_ids: list[torch.Tensor] | None = None
+    topk_logprobs: list[torch.Tensor] | None = None
+
+    def take(self, idx: list[int]) -> "TeacherRows":
+        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+        return TeacherRows(pick(self.logprobs), pick(self.topk_ids), pick(self.topk_logprobs))
+
+    def check(self, batch: TrainBatch, opd: OPDSettings) -> None:
+        """Clear ValueError on a wrong number of samples, a wrong span length or a missing top-K."""
+        if opd.estimator is None and self.topk_ids is None:
+            raise ValueError("OPDSettings.estimator=None (the KL from the teacher's distribution) needs the SGLang "
+                             "teacher's top-K: TeacherRows(topk_ids=..., topk_logprobs=...)")
+        for name in ("logprobs", "topk_ids", "topk_logprobs"):
+            rows = getattr(self, name)
+            if rows is None:
+                continue
+            if len(rows) != len(batch):
+                raise ValueError(f"TeacherRows.{name} has {len(rows)} entries for {len(batch)} samples")
+            for i, (t, r) in enumerate(zip(rows, batch.response_lengths)):
+                if t.shape[0] != r or (name != "logprobs" and t.dim() != 2) or (name == "logprobs" and t.dim() != 1):
+                    raise ValueError(f"TeacherRows.{name}[{i}] has shape {tuple(t.shape)}; the sample has {r} "
+                                     f"response tokens ({'[R]' if name == 'logprobs' else '[R, K]'})")
+
+
+def attach_teacher(mbs: list[MicroBatch], rows: TeacherRows | None, device) -> None:
+    """Each micro-batch gets the teacher rows at its scoring rows: [S] log-probs, [S, K] top-K (id -1 elsewhere)."""
+    if rows is None:
+        return
+    for mb in mbs:
+        mb.extras["teacher_logprobs"] = mb.place(rows.logprobs, 0.0).float().to(device)
+        if rows.topk_ids is not None:
+            mb.extras["topk_ids"] = mb.place(rows.topk_ids, -1).long().to(device)
+            mb.extras["topk_logprobs"] = mb.place(rows.topk_logprobs, 0.0).to(device)
+
+
+def _group(tp_group, tp_size: int):
+    return tp_group if tp_size > 1 else None
+
+
+def forward_rows(mb: MicroBatch, logits: torch.Tensor, teacher_logits: torch.Tensor | None, opd: OPDSettings, *,
+                 temperature: float, tp_group, tp_size: int) -> dict[str, torch.Tensor]:
+    """Per-row [S] logprobs, advantages (A'), opd_kl and teacher_logprobs of one micro-batch (no gradients)."""
+    group = _group(tp_group, tp_size)
+    kw = dict(temperature=temperature, process_group=group)
+    if teacher_logits is not None:
+        teacher_lp = opd_kernels.token_logprobs(teacher_logits[0], mb.targets, ignore_index=IGNORE_INDEX, **kw)
+        source = (dict(teacher_logits=teacher_logits[0]) if opd.estimator is None
+                  else dict(teacher_logprobs=teacher_lp))
+    else:
+        teacher_lp = mb.extras["teacher_logprobs"]
+        source = (dict(teacher_topk_ids=mb.extras["topk_ids"], teacher_topk_logprobs=mb.extras["topk_logprobs"])
+                  if opd.estimator is None else dict(teacher_logprobs=teacher_lp))
+    kind = opd.estimator or ("full" if teacher_logits is not None else "topk")
+    # every response token (the loss mask applies in the loss and the metrics, as for the plain forward)
+    scoring = mb.targets != IGNORE_INDEX
+    out = opd_kernels.opd_advantages(logits[0], mb.targets, mb.extras["adv_rows"], kl=kind,
+                                     coef=opd.advantage_coef, mask=scoring, **source, **kw)
+    return {"logprobs": out.student_logprobs, "advantages": out.advantages, "opd_kl": out.kl,
+            "teacher_logprobs": torch.where(scoring, teacher_lp, torch.zeros_like(teacher_lp))}
+
+
+def loss_kl(mb: MicroBatch, logits: torch.Tensor, teacher_logits: torch.Tensor | None, *, temperature: float,
+            tp_group, tp_size: int) -> torch.Tensor:
+    """[S] KL(student || teacher) at the scoring rows (0 elsewhere), differentiable w.r.t. the student logits."""
+    kw = dict(temperature=temperature, mask=mb.targets != IGNORE_INDEX, process_group=_group(tp_group, tp_size))
+    if teacher_logits is not None:
+        return opd_kernels.reverse_kl(logits[0], teacher_logits[0].detach(), **kw)
+    return opd_kernels.topk_kl(logits[0], mb.extras["topk_ids"], mb.extras["topk_logprobs"], **kw)
