@@ -1,4 +1,5 @@
-"""Observability of a run: a progress bar, per-step metrics to JSONL and TensorBoard, a PNG plot at the end.
+"""Observability of a run: a progress bar, per-step metrics to JSONL and TensorBoard, a PNG plot at the end, and
+a quiet terminal (the progress bar, evaluations, errors and tables; everything else in ``OUTPUT_DIR/logs/``).
 
 Files in ``--output-dir``: ``metrics.jsonl`` (one JSON object per rollout step: ``{"step": k, "<name>": value}``,
 appended, so a resumed run continues the same file), ``tensorboard/`` (event files), ``curves.png``.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import contextlib
 import os
 import time
 from contextlib import contextmanager
@@ -21,6 +23,74 @@ from .config import LogConfig
 PLOTTED = ("eval/pass@1", "rollout/accuracy", "rollout/reward", "opd/reverse_kl", "opd/teacher_logprob_mean",
            "train/loss", "train/entropy", "perf/step_seconds")
 BAR_KEYS = {"eval/pass@1": "eval", "rollout/accuracy": "acc", "opd/reverse_kl": "kl", "rollout/reward": "r"}
+
+
+LOG_DIR = "logs"   # under --output-dir: driver.log (Ray, warnings), trainer-rank<r>.log, rollout.log, engine<i>.log
+
+
+def log_dir(output_dir: str) -> str:
+    path = os.path.join(output_dir, LOG_DIR)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def redirect_output(path: str | None) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2: C++ and subprocess output too) to ``path``,
+    appended; None leaves them alone (``--verbose``). For Ray actors, whose output would reach the terminal."""
+    if path is None:
+        return
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def stderr_to(path: str | None):
+    """File descriptor 2 goes to ``path`` (appended) inside the block, then back; None: unchanged. For libraries
+    that print from C++ straight to the terminal (Ray's "Token authentication is enabled" notice at ray.init)."""
+    if path is None:
+        yield
+        return
+    import sys
+    sys.stderr.flush()
+    saved, fd = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def quiet_driver(output_dir: str, verbose: bool) -> str | None:
+    """Route the driver's Python warnings and Ray's log records to ``OUTPUT_DIR/logs/driver.log`` (unless
+    ``verbose``); returns that path."""
+    import logging
+    if verbose:
+        return None
+    try:
+        import ray  # noqa: F401  (importing ray configures its loggers: attach ours after that)
+    except ImportError:
+        pass
+    path = os.path.join(log_dir(output_dir), "driver.log")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("py.warnings", "ray"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(old)
+            old.close()
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("ray").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return path
 
 
 class Timer:

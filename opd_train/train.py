@@ -13,13 +13,14 @@ import os
 import time
 
 from .config import Config, ConfigError
-from .observability import RunLogger, Timer
+from .observability import LOG_DIR, RunLogger, Timer, quiet_driver
 from .orchestration.runtime import Runtime, RuntimePool
 from .orchestration.settings import loss_settings
 from .orchestration.step import (base_advantages, final_advantages, pre_forward, rollout_metrics, teacher_rows,
                                  train_batch)
 from .rollout.data import PromptDataset, load_prompts, load_tokenizer
 from .teacher import TeacherMismatch, preflight
+from .lifecycle import RunInterrupted
 from .types import TeacherUnavailable
 
 
@@ -29,6 +30,9 @@ def run(cfg: Config, *, pool: RuntimePool | None = None) -> dict:
     ``pool``: keep the runtime (Ray actors, engines) warm for the pool's next run of the same shape.
     """
     os.makedirs(cfg.log.output_dir, exist_ok=True)
+    if quiet_driver(cfg.log.output_dir, cfg.log.verbose):
+        print(f"[opd-train] {cfg.log.output_dir}: Ray, Megatron, engine and warning output in {LOG_DIR}/ "
+              "(--verbose shows it here)", flush=True)
     tok = load_tokenizer(cfg.model.hf_checkpoint)
     d = cfg.data
     train_prompts = load_prompts(d.prompt_data, tok, input_key=d.input_key, label_key=d.label_key,
@@ -76,6 +80,15 @@ def _loop(cfg: Config, rt: Runtime, dataset: PromptDataset, eval_prompts) -> dic
             if ck.save and _due(ck.save_interval, step, ro.num_rollout):
                 rt.trainers.save_checkpoint(ck.save, step)
             log.advance()
+    except RunInterrupted as exc:                               # SIGTERM / SIGINT / SIGHUP: stop resumably
+        done = step - 1
+        if done > start:
+            path = rt.trainers.save_checkpoint(cfg.save_dir, done)
+            log.write(f"[opd-train] {exc} during step {step}; saved a checkpoint of step {done}: {path}\n"
+                      f"[opd-train] resume with: --load {cfg.save_dir}")
+        else:
+            log.write(f"[opd-train] {exc} during step {step}: no step completed since the start, nothing to save")
+        raise
     except TeacherUnavailable as exc:                           # retries are exhausted: stop resumably
         path = rt.trainers.save_checkpoint(cfg.save_dir, step - 1)
         log.write(f"[opd-train] {exc}\n[opd-train] saved a resumable checkpoint of step {step - 1}: {path}; "

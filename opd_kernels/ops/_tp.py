@@ -35,6 +35,11 @@ def owned(tokens: torch.Tensor, vocab_start: int, vocab: int, valid: torch.Tenso
     return valid & (tokens >= vocab_start) & (tokens < vocab_start + vocab)
 
 
+def _weighted(share: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """share * value with 0 where the share is 0 (an empty shard's value may be NaN or infinite)."""
+    return torch.where(share > 0, share * value, torch.zeros_like(value))
+
+
 def _max_then_shares(lse_r: torch.Tensor, group):
     """(M - the max over ranks, e_r = exp(lse_r - M)); lse_r may be stacked [k, N]."""
     top = lse_r.clone()
@@ -47,7 +52,9 @@ def combine_logprob(logp_r, entropy_r, lse_r, own, valid, group, with_entropy: b
     top, share = _max_then_shares(lse_r, group)
     parts = [share, torch.where(own, logp_r + (lse_r - top), torch.zeros_like(logp_r))]
     if with_entropy:
-        parts.append(share * (entropy_r - (lse_r - top)))
+        # a shard holding no mass (all its logits -inf: masked or padded columns) adds nothing; its local entropy
+        # and log-share are NaN / -inf, and 0 * -inf would poison the sum
+        parts.append(_weighted(share, entropy_r - (lse_r - top)))
     sums = torch.stack(parts)  # (2 or 3, N)
     dist.all_reduce(sums, group=group)
     log_total = torch.log(sums[0])
@@ -62,7 +69,7 @@ def combine_kl(kl_r, lse_s_r, lse_t_r, logp_r, own, valid, group):
     invalid rows)."""
     top, share = _max_then_shares(torch.stack([lse_s_r, lse_t_r]), group)  # (2, N)
     rel_s, rel_t = lse_s_r - top[0], lse_t_r - top[1]
-    parts = [share[0], share[1], share[0] * (kl_r + rel_s - rel_t)]
+    parts = [share[0], share[1], _weighted(share[0], kl_r + rel_s - rel_t)]
     if own is not None:
         parts.append(torch.where(own, logp_r + rel_s, torch.zeros_like(logp_r)))
     sums = torch.stack(parts)

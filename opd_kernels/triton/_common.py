@@ -120,6 +120,13 @@ def device_ctx(x: torch.Tensor):
 # Launch configuration
 # --------------------------------------------------------------------------------------------------------------
 
+# Every launch passes EXACT: Triton's default fp fusion contracts a * b + c into fma.rn.f32 (and leaves plain
+# mul/add that ptxas fuses too), which breaks the kernels' exact identities: z = x * inv_t must be rounded before
+# z - max (exactly 0 at the max; the top token of a confident row gets log-prob 0) and two_diff's TwoSum needs
+# every rounding. tests/ops/test_exact_ptx.py compiles the kernels to PTX on the CPU and checks it.
+EXACT = {"enable_fp_fusion": False}
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

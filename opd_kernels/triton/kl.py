@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t, device_ctx,
+from ._common import (EXACT, block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t, device_ctx,
                       fold_mass, is_top, log1p, log_mass, lse_out, merge_parts, rescale, row_vector, safe_max,
                       split_block, split_config, split_lse, sums7, to_output_dtype, token_logit, two_diff, kl_value)
 
@@ -184,13 +184,13 @@ def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
     with device_ctx(xs):
         if n_split == 1:
             _kl_fwd_kernel[(N, 1)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, kl, t_stride_r=tsr,
-                                   chunk=chunk, SPLIT=False, BLOCK_V=block_v, num_warps=warps, **common)
+                                   chunk=chunk, SPLIT=False, BLOCK_V=block_v, num_warps=warps, **EXACT, **common)
         else:
             part = torch.empty(N, n_split, PARTS.value, device=xs.device, dtype=torch.float64)
             _kl_fwd_kernel[(N, n_split)](xs, xt, tok_arg, kl, lse_s, lse_t, logp_arg, part, t_stride_r=tsr,
-                                         chunk=chunk, SPLIT=True, BLOCK_V=block_v, num_warps=warps, **common)
+                                         chunk=chunk, SPLIT=True, BLOCK_V=block_v, num_warps=warps, **EXACT, **common)
             _kl_combine_kernel[(N,)](xs, tok_arg, kl, lse_s, lse_t, logp_arg, part, n_split,
-                                     SPLIT_BLOCK=split_block(n_split), num_warps=1, **common)
+                                     SPLIT_BLOCK=split_block(n_split), num_warps=1, **EXACT, **common)
     return kl, lse_s, lse_t, logp
 
 
@@ -223,5 +223,5 @@ def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, 
     with device_ctx(student):
         _kl_bwd_kernel[(N, triton.cdiv(V, block_v))](
             student, teacher, grad_kl, lse_s, lse_t, kl, out, V, ssr, tsr,
-            INV_T=checked_inv_t(inv_temperature), BLOCK_V=block_v, num_warps=warps)
+            INV_T=checked_inv_t(inv_temperature), BLOCK_V=block_v, num_warps=warps, **EXACT)
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (block_config, check_device, check_rows, check_vocab, checked_inv_t, device_ctx, fold_mass,
+from ._common import (EXACT, block_config, check_device, check_rows, check_vocab, checked_inv_t, device_ctx, fold_mass,
                       is_top, log_mass, lse_out, merge_parts, rescale, row_vector, safe_max, split_block,
                       split_config, split_lse, sums2, sums3, to_output_dtype, token_logit)
 
@@ -156,13 +156,13 @@ def _fwd(x, tokens, inv_t, vocab_start, ignore_index, with_entropy, split=None):
     with device_ctx(x):
         if n_split == 1:
             _logprob_fwd_kernel[(N, 1)](x, tokens, logp, ent_arg, lse, lse, chunk=chunk, SPLIT=False,
-                                        BLOCK_V=block_v, num_warps=warps, **common)
+                                        BLOCK_V=block_v, num_warps=warps, **EXACT, **common)
         else:
             part = torch.empty(N, n_split, PARTS.value, device=x.device, dtype=torch.float32)
             _logprob_fwd_kernel[(N, n_split)](x, tokens, logp, ent_arg, lse, part, chunk=chunk, SPLIT=True,
-                                              BLOCK_V=block_v, num_warps=warps, **common)
+                                              BLOCK_V=block_v, num_warps=warps, **EXACT, **common)
             _logprob_combine_kernel[(N,)](x, tokens, logp, ent_arg, lse, part, n_split,
-                                          SPLIT_BLOCK=split_block(n_split), num_warps=1, **common)
+                                          SPLIT_BLOCK=split_block(n_split), num_warps=1, **EXACT, **common)
     return logp, ent, lse
 
 
@@ -202,5 +202,5 @@ def logprob_bwd(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Ten
         _logprob_bwd_kernel[(N, triton.cdiv(V, block_v))](
             logits, tokens, grad_logp, grad_entropy if has_ent else lse, lse, entropy, out,
             V, sr, int(vocab_start), int(ignore_index), INV_T=checked_inv_t(inv_temperature), HAS_ENTROPY=has_ent,
-            BLOCK_V=block_v, num_warps=warps)
+            BLOCK_V=block_v, num_warps=warps, **EXACT)
     return out

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t,
+from ._common import (EXACT, block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t,
                       device_ctx, kl_value, log_mass, row_vector)
 from .kl import _kl_stats
 from .logprob import _logprob_stats
@@ -115,7 +115,7 @@ def opd_sampled_fwd(logits: torch.Tensor, tokens: torch.Tensor, advantages: torc
     with device_ctx(logits):
         _opd_sampled_kernel[(N,)](logits, tokens, advantages, teacher_logp, mask if mask is not None else tokens,
                                   *outs, V, stride, float(coef), INV_T=checked_inv_t(inv_temperature), KL_KIND=kl_kind,
-                                  HAS_MASK=mask is not None, BLOCK_V=block_v, num_warps=warps)
+                                  HAS_MASK=mask is not None, BLOCK_V=block_v, num_warps=warps, **EXACT)
     return outs
 
 
@@ -132,5 +132,5 @@ def opd_full_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Ten
     with device_ctx(student):
         _opd_full_kernel[(N,)](student, teacher, tokens, advantages, mask if mask is not None else tokens, *outs,
                                V, s_stride, t_stride, float(coef), INV_T=checked_inv_t(inv_temperature),
-                               HAS_MASK=mask is not None, BLOCK_V=block_v, num_warps=warps)
+                               HAS_MASK=mask is not None, BLOCK_V=block_v, num_warps=warps, **EXACT)
     return outs

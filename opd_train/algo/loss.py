@@ -42,7 +42,11 @@ import math
 import torch
 
 from ._checks import as_bool_mask, check_2d, check_coef, check_same_shape
-from .opd import KL_ESTIMATORS, kl_estimate
+from .opd import kl_estimate
+
+# Estimators of the reference-KL loss: the sampled ones, and slime's low_var_kl (k3 clamped to [-10, 10]).
+REF_KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+LOW_VAR_KL_CLAMP = 10.0
 from .whiten import masked_mean
 
 REDUCTIONS = ("sample_mean", "token_mean")
@@ -142,8 +146,8 @@ def _check_policy_args(new_logprobs, old_logprobs, advantages, mask, eps_clip, e
                          "return_entropy=True))")
     if check_coef("ref_kl_coef", ref_kl_coef) and ref_logprobs is None:
         raise ValueError(f"ref_kl_coef={ref_kl_coef} needs ref_logprobs=[B, T] from the reference model")
-    if ref_kl not in KL_ESTIMATORS:
-        raise ValueError(f"unknown ref_kl estimator {ref_kl!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    if ref_kl not in REF_KL_ESTIMATORS:
+        raise ValueError(f"unknown ref_kl estimator {ref_kl!r}; choose one of {', '.join(REF_KL_ESTIMATORS)}")
 
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -166,7 +170,8 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         reduction, num_samples, num_tokens: "sample_mean" | "token_mean" and the global-batch normalisers
             (module docstring; :func:`loss_normalizer`). Every term uses the same reduction.
         entropy, entropy_coef: [B, T] per-token entropy of the current policy (differentiable) and its bonus weight.
-        ref_logprobs, ref_kl_coef, ref_kl: reference-model log-probs, the KL-loss weight and estimator k1|k2|k3 of
+        ref_logprobs, ref_kl_coef, ref_kl: reference-model log-probs, the KL-loss weight and estimator k1|k2|k3
+            (or low_var_kl: k3 clamped to [-10, 10], slime's name) of
             KL(new || ref) on the sampled tokens (k3 = exp(ref - new) - 1 + (new - ref), the usual low-variance one).
 
     Returns:
@@ -197,7 +202,9 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
             loss = loss - entropy_coef * ent
         metrics["entropy"] = masked_mean(entropy.detach(), m)
     if ref_logprobs is not None:
-        kl = kl_estimate(new, _zero_masked(ref_logprobs.detach().to(new.dtype), m), ref_kl)
+        ref = _zero_masked(ref_logprobs.detach().to(new.dtype), m)
+        kl = (kl_estimate(new, ref, "k3").clamp(-LOW_VAR_KL_CLAMP, LOW_VAR_KL_CLAMP) if ref_kl == "low_var_kl"
+              else kl_estimate(new, ref, ref_kl))
         if ref_kl_coef:
             loss = loss + ref_kl_coef * reduce_tokens(kl, m, reduction, **norm)
         metrics["ref_kl"] = masked_mean(kl.detach(), m)

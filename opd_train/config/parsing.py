@@ -34,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
                 continue
             conv = {int: int, float: float, str: str}[typ]
+            # slime writes --eval-prompt-data NAME PATH: one or two values, the path last
+            nargs = "+" if f.name == "eval_prompt_data" else None
             group.add_argument(flag, type=conv, default=argparse.SUPPRESS, choices=meta["choices"],
-                               metavar=meta["metavar"], help=help_text)
+                               metavar=meta["metavar"], help=help_text, nargs=nargs)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -99,6 +101,11 @@ def explicit_values(namespace: argparse.Namespace) -> dict[str, Any]:
     given.pop("command", None)
     values = load_yaml(path) if path else {}
     values.update({k: v for k, v in given.items() if k in FIELD_SECTION})
+    if isinstance(values.get("eval_prompt_data"), list):
+        data = values["eval_prompt_data"]
+        if len(data) > 2:
+            raise ConfigError(f"--eval-prompt-data takes PATH or NAME PATH (one evaluation set), got {data}")
+        values["eval_prompt_data"] = data[-1]
     return values
 
 

@@ -48,7 +48,8 @@ class DataConfig:
     label_key: str | None = opt("label", "column holding the ground truth for task rewards (None: no labels)")
     apply_chat_template: bool = opt(False, "format prompts with the tokenizer's chat template")
     rollout_shuffle: bool = opt(False, "shuffle the prompts every epoch (seeded by --rollout-seed)")
-    eval_prompt_data: str | None = opt(None, "held-out prompts (.jsonl/.parquet) for pass@1", metavar="FILE")
+    eval_prompt_data: str | None = opt(None, "held-out prompts (.jsonl/.parquet) for pass@1 (slime's NAME FILE also "
+                                             "works)", metavar="FILE")
     eval_interval: int | None = opt(None, "evaluate every N rollout steps (and at the end)")
     n_samples_per_eval_prompt: int = opt(1, "samples per eval prompt (pass@1 = mean over them)")
     eval_temperature: float = opt(0.0, "eval sampling temperature (0 = greedy)")
@@ -133,7 +134,8 @@ class AlgoConfig:
     kl_coef: float = opt(0.0, "reference-KL reward penalty (ppo, reinforce_plus_plus*)")
     use_kl_loss: bool = opt(False, "add a reference-KL loss term")
     kl_loss_coef: float = opt(0.0, "coefficient of the reference-KL loss")
-    kl_loss_type: str = opt("k3", "reference-KL loss estimator", choices=("k1", "k2", "k3"))
+    kl_loss_type: str = opt("k3", "reference-KL loss estimator (low_var_kl: slime's name for k3 clamped to "
+                                  "[-10, 10])", choices=("k1", "k2", "k3", "low_var_kl"))
     eps_clip: float = opt(0.2, "PPO clip epsilon")
     eps_clip_high: float | None = opt(None, "upper clip epsilon (default: --eps-clip)")
     eps_clip_c: float | None = opt(None, "dual-clip constant (> 1)")
@@ -190,6 +192,8 @@ class LogConfig:
                                       "results.json")
     no_tensorboard: bool = opt(False, "do not write TensorBoard events")
     no_progress: bool = opt(False, "no progress bar")
+    verbose: bool = opt(False, "show everything on the terminal: Ray workers' output, Megatron's notices, third-party "
+                               "warnings (by default they go to OUTPUT_DIR/logs/)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 
 from ..config import ClusterConfig
+from ..lifecycle import reinstall
+from ..observability import log_dir, stderr_to
 
 
 @dataclass(frozen=True)
@@ -22,21 +24,31 @@ class Placement:
         return self.device == "cuda"
 
 
-def start_ray(cluster: ClusterConfig, *, min_cpus: int) -> bool:
-    """Connect to (or start) Ray; returns True when this call started it (the caller shuts it down)."""
+def start_ray(cluster: ClusterConfig, *, min_cpus: int, output_dir: str, verbose: bool = False) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (the caller shuts it down).
+
+    Unless ``verbose``, workers' output stays off the terminal (our actors write theirs to OUTPUT_DIR/logs/) and
+    Ray's own log records go wherever the driver routes the "ray" logger (observability.quiet_driver), and what
+    its C++ core prints during ray.init to OUTPUT_DIR/logs/driver.log."""
     import ray
     if ray.is_initialized():
         return False
     # Workers inherit Ray's authentication mode (token auth unless RAY_AUTH_MODE says otherwise) from the raylet:
     # overriding it here would make them unable to talk to a cluster that requires the token.
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    with stderr_to(None if verbose else os.path.join(log_dir(output_dir), "driver.log")):
+        _init(ray, cluster, env, min_cpus, verbose)
+    reinstall()                 # ray.init replaced the driver's SIGTERM handling with its own
+    return True
+
+
+def _init(ray, cluster: ClusterConfig, env: dict, min_cpus: int, verbose: bool) -> None:
     if cluster.ray_address:
-        ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=True)
+        ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=verbose, configure_logging=verbose)
     else:
         cpus = cluster.num_cpus or max(os.cpu_count() or 1, min_cpus)
         ray.init(num_cpus=max(cpus, min_cpus), num_gpus=None if _has_cuda() else 0, include_dashboard=False,
-                 runtime_env=env, log_to_driver=True)
-    return True
+                 runtime_env=env, log_to_driver=verbose, configure_logging=verbose)
 
 
 def _has_cuda() -> bool:

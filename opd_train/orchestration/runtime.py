@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..config import Config
+from ..observability import log_dir
 from ..rollout.manager import EndpointFailed, RewardPlan, RolloutManager, plan_rewards
 from ..serialization import register_fast_tensor_serializer
 from ..teacher import server_url
@@ -32,6 +33,11 @@ def _key(c: Config, device: str) -> tuple:
     return (c.derived["world_size"], c.train.tensor_model_parallel_size, device, engine_kind(c, device),
             c.rollout.rollout_num_engines, c.rollout.rollout_num_gpus_per_engine, c.rollout.sglang_extra_args, arch,
             c.cluster.ray_address)
+
+
+def _quiet_dir(c: Config) -> str | None:
+    """Where actors write their output: OUTPUT_DIR/logs, or None (the terminal) with --verbose."""
+    return None if c.log.verbose else log_dir(c.log.output_dir)
 
 
 def _plan(c: Config) -> RewardPlan:
@@ -65,7 +71,7 @@ class Runtime:
         import ray
         t0 = time.perf_counter()
         world = c.derived["world_size"]
-        started = start_ray(c.cluster, min_cpus=world + 1)
+        started = start_ray(c.cluster, min_cpus=world + 1, output_dir=c.log.output_dir, verbose=c.log.verbose)
         register_fast_tensor_serializer()
         t_ray = time.perf_counter()
         try:
@@ -74,10 +80,12 @@ class Runtime:
             manager = ray.remote(RolloutManager).options(num_cpus=1, max_concurrency=64).remote(
                 c.rollout, c.model.hf_checkpoint, c.args_with(opd_task_rm_path=plan.opd_task), plan,
                 engine_kind=engine_kind(c, placement.device), vocab_size=c.derived["vocab_size"],
-                log_dir=c.log.output_dir, host="127.0.0.1" if c.cluster.ray_address is None else "node")
+                log_dir=log_dir(c.log.output_dir), host="127.0.0.1" if c.cluster.ray_address is None else "node",
+                quiet=not c.log.verbose)
             engines = manager.start.remote()                       # engines start while the trainers build
             try:
-                trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement)
+                trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement,
+                                               log_dir=_quiet_dir(c))
             except BaseException:
                 ray.kill(manager)
                 raise
@@ -104,8 +112,9 @@ class Runtime:
         t0 = time.perf_counter()
         self.plan, self.rm_url = _plan(c), c.reward.rm_url
         configured = self.rollout.configure.remote(c.rollout, c.model.hf_checkpoint,
-                                                   c.args_with(opd_task_rm_path=self.plan.opd_task), self.plan)
-        self.trainers.reset(trainer_settings(c, save_dir))
+                                                   c.args_with(opd_task_rm_path=self.plan.opd_task), self.plan,
+                                                   log_dir(c.log.output_dir))
+        self.trainers.reset(trainer_settings(c, save_dir), log_dir=_quiet_dir(c))
         ray.get(configured)
         print(f"[opd-train] reused the warm runtime ({time.perf_counter() - t0:.1f} s)", flush=True)
 

@@ -21,8 +21,17 @@ def _ray():
     return ray
 
 
+def _log_path(log_dir: str | None, rank: int) -> str | None:
+    return None if log_dir is None else os.path.join(log_dir, f"trainer-rank{rank}.log")
+
+
 class TrainerActor:
-    """One trainer rank (wrapped by ``ray.remote`` in :meth:`TrainerGroup.create`)."""
+    """One trainer rank (wrapped by ``ray.remote`` in :meth:`TrainerGroup.create`). Its output (Megatron's
+    notices, warnings) goes to ``log_path`` (None: Ray's default, the terminal with --verbose)."""
+
+    def __init__(self, log_path: str | None = None):
+        from ..observability import redirect_output
+        redirect_output(log_path)
 
     def address(self) -> tuple[str, int]:
         return node_address()
@@ -40,11 +49,13 @@ class TrainerActor:
         self.ctx = ctx
         return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank, "step": self.trainer.step}
 
-    def reset(self, settings: TrainerSettings) -> int:
+    def reset(self, settings: TrainerSettings, log_path: str | None) -> int:
         """A fresh trainer (model, optimizer, teacher, resume) in this warm process; same parallel layout."""
         import gc
 
         from ..backends.megatron import MegatronTrainer
+        from ..observability import redirect_output
+        redirect_output(log_path)
         self.trainer = None
         gc.collect()
         self.trainer = MegatronTrainer(settings, self.ctx)
@@ -99,7 +110,8 @@ class TrainerGroup:
 
     @classmethod
     def create(cls, settings: TrainerSettings, *, world_size: int, placement: Placement,
-               threads_per_rank: int | None = None) -> "TrainerGroup":
+               threads_per_rank: int | None = None, log_dir: str | None = None) -> "TrainerGroup":
+        """``log_dir``: where each rank writes its output (None: Ray's default)."""
         ray = _ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         pg = trainer_placement_group(placement)
@@ -108,17 +120,17 @@ class TrainerGroup:
         for i, bundle in enumerate(placement.trainer_bundles):
             strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
             actors.append(remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                                         scheduling_strategy=strategy, name=None).remote())
+                                         scheduling_strategy=strategy, name=None).remote(_log_path(log_dir, i)))
         master = ray.get(actors[0].address.remote())
         infos = ray.get([a.setup.remote(rank=i, world_size=world_size, master=master, settings=settings,
                                         threads=threads_per_rank) for i, a in enumerate(actors)])
         ranks = [_Rank(a, info["rank"], info["dp_rank"], info["tp_rank"]) for a, info in zip(actors, infos)]
         return cls(ranks, settings.parallel.tensor_parallel, pg)
 
-    def reset(self, settings: TrainerSettings) -> None:
+    def reset(self, settings: TrainerSettings, log_dir: str | None = None) -> None:
         if settings.parallel.tensor_parallel != self.tp:
             raise ValueError("a warm trainer group keeps its tensor-parallel size")
-        _ray().get([r.actor.reset.remote(settings) for r in self.ranks])
+        _ray().get([r.actor.reset.remote(settings, _log_path(log_dir, r.rank)) for r in self.ranks])
 
     # ---- batch splitting ---------------------------------------------------------------------------------
     def _shares(self, n: int, what: str = "samples") -> list[list[int]]:

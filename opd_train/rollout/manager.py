@@ -66,6 +66,10 @@ def _status(finish_reason: str) -> Status:
 class EngineServer:
     """Ray actor owning one engine server process (placed with the engine's GPUs; see RolloutManager.start)."""
 
+    def __init__(self, log_path: str | None = None):
+        from ..observability import redirect_output
+        redirect_output(log_path)
+
     def launch(self, kind: str, hf_dir: str, cfg: RolloutConfig, host: str, threads: int | None,
                log: str | None) -> str:
         from .engines import launch_cpu_engine, launch_sglang_server
@@ -90,9 +94,13 @@ class RolloutManager:
 
     def __init__(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan, *, engine_kind: str,
                  vocab_size: int, log_dir: str | None = None, engine_threads: int | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", quiet: bool = False):
+        """``log_dir``: engine server logs (``engine<i>.log``); with ``quiet`` also this actor's and the engine
+        actors' own output (``rollout.log``), which otherwise reaches the terminal."""
         from ..serialization import register_fast_tensor_serializer
         register_fast_tensor_serializer()
+        self.quiet = quiet
+        self._redirect(log_dir)
         self.cfg, self.hf_dir, self.plan = rollout, hf_dir, plan
         self.args = args
         self.engine_kind, self.vocab_size = engine_kind, vocab_size
@@ -103,6 +111,14 @@ class RolloutManager:
         from .data import load_tokenizer
         self.tokenizer = load_tokenizer(hf_dir)
         self._fns: dict[str, Callable] = {}
+
+    def _redirect(self, log_dir: str | None) -> str | None:
+        import os
+
+        from ..observability import redirect_output
+        path = os.path.join(log_dir, "rollout.log") if self.quiet and log_dir else None
+        redirect_output(path)
+        return path
 
     def _fn(self, path: str | None) -> Callable | None:
         if path is None:
@@ -126,7 +142,8 @@ class RolloutManager:
         from .engines import SGLangEngine
         gpus = self.cfg.rollout_num_gpus_per_engine if self.engine_kind == "sglang" else 0
         remote = ray.remote(EngineServer).options(num_cpus=0, num_gpus=gpus)
-        self.servers = [remote.remote() for _ in range(self.cfg.rollout_num_engines)]
+        self.servers = [remote.remote(os.path.join(self.log_dir, "rollout.log") if self.quiet and self.log_dir else None)
+                        for _ in range(self.cfg.rollout_num_engines)]
         urls = await asyncio.gather(*(
             server.launch.remote(self.engine_kind, self.hf_dir, self.cfg, self.host, self.engine_threads,
                                  os.path.join(self.log_dir, f"engine{i}.log") if self.log_dir else None)
@@ -134,8 +151,11 @@ class RolloutManager:
         self.engines = [SGLangEngine(url, vocab_size=self.vocab_size) for url in urls]
         return list(urls)
 
-    async def configure(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan) -> None:
-        """Serve another run with the same engines: its settings, reward functions and initial weights."""
+    async def configure(self, rollout: RolloutConfig, hf_dir: str, args: Any, plan: RewardPlan,
+                        log_dir: str | None = None) -> None:
+        """Serve another run with the same engines: its settings, reward functions and initial weights (the engine
+        servers keep writing to the first run's logs)."""
+        self._redirect(log_dir)
         if hf_dir != self.hf_dir:
             from .data import load_tokenizer
             self.tokenizer = load_tokenizer(hf_dir)

@@ -29,6 +29,10 @@ from .tokenizer import EOS_ID, MODEL_VOCAB_SIZE, PAD_ID, encode, save_tokenizer
 TASK_VERSION = "add3-all-reversed-v1"
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 @dataclass(frozen=True)
 class TinyModel:
     hidden: int
@@ -109,7 +113,7 @@ def _lr_factor(settings: SFTSettings, step: int) -> float:
     return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_sft(settings: SFTSettings, *, log=print) -> torch.nn.Module:
+def train_sft(settings: SFTSettings, *, log=_say) -> torch.nn.Module:
     """Cross-entropy on the answer tokens of fresh training-side pairs every step."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(settings.seed)
@@ -141,7 +145,7 @@ def train_sft(settings: SFTSettings, *, log=print) -> torch.nn.Module:
 
 
 def build_sft_model(settings: SFTSettings, cache_dir: str, name: str, *, eval_pairs: list[task.Pair],
-                    log=print) -> tuple[str, dict]:
+                    log=_say) -> tuple[str, dict]:
     """The HF directory of an SFT model (trained now, or from the cache) and its metadata (accuracy, time)."""
     final = os.path.join(os.path.expanduser(cache_dir), f"{name}-{settings.key()}")
     meta_path = os.path.join(final, "sft.json")
@@ -159,7 +163,7 @@ def build_sft_model(settings: SFTSettings, cache_dir: str, name: str, *, eval_pa
             "params": sum(p.numel() for p in model.parameters())}
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_quietly(model, tmp)
     save_tokenizer(tmp)
     with open(os.path.join(tmp, "sft.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -167,3 +171,15 @@ def build_sft_model(settings: SFTSettings, cache_dir: str, name: str, *, eval_pa
     os.replace(tmp, final)
     log(f"[experiment] {name}: {meta['greedy_accuracy']:.1%} held-out greedy accuracy after {seconds:.0f} s")
     return final, meta
+
+
+def _save_quietly(model, directory: str) -> None:
+    """save_pretrained without its "Writing model shards" progress bar (the experiment's terminal has its own)."""
+    from transformers.utils import logging as hf_logging
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

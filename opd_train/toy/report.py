@@ -80,7 +80,8 @@ def write_results(out: str, *, teacher_acc: float, teacher_meta: dict, student_m
                 runs={label: os.path.join(v["output_dir"], "metrics.jsonl") for label, v in runs.values()})
     print(f"\n{table}\n")
     for r in per_run.values():
-        print(f"{r['label']}: lowest evaluation {r['lowest_eval']:.1%} ({r['max_drop_below_start'] * 100:+.1f} points "
-              "below the start)".replace("+-", "-"))
+        drop = r["max_drop_below_start"] * 100
+        where = f"{drop:.1f} points below the start" if drop > 0.05 else "never below the start"
+        print(f"{r['label']}: lowest evaluation {r['lowest_eval']:.1%} ({where})")
     print(f"total {seconds:.0f} s; results: {os.path.join(out, 'results.json')}", flush=True)
     return summary

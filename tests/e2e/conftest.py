@@ -28,6 +28,24 @@ def toy(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_toy(toy, tmp_path_factory):
+    """A student that has learnt something (SFT until 40% validation accuracy, as in the built-in experiment) and a
+    teacher that knows the task: the pair whose student one un-warmed Adam step wrecks (~50 s of SFT)."""
+    from opd_train.toy import task
+    from opd_train.toy.experiment import STUDENT, TEACHER
+    from opd_train.toy.models import SFTSettings, build_sft_model
+    root = tmp_path_factory.mktemp("trained_toy")
+    pairs = task.sample_pairs(random.Random(1), 64, held_out=True)
+    teacher, _ = build_sft_model(SFTSettings(TEACHER, steps=330, lr=1e-3, batch_size=128, seed=0, decay_start=250),
+                                 str(root), "teacher", eval_pairs=pairs, log=lambda *_: None)
+    student, _ = build_sft_model(SFTSettings(STUDENT, steps=800, lr=1e-3, batch_size=128, seed=1,
+                                             stop_at_accuracy=0.4), str(root), "student", eval_pairs=pairs,
+                                 log=lambda *_: None)
+    train, evals = task.write_task_files(str(root / "data"), train_prompts=4096, eval_prompts=128, seed=0)
+    return {"root": root, "teacher": teacher, "student": student, "train": train, "eval": evals}
+
+
+@pytest.fixture(scope="session")
 def teacher_dist(toy):
     """The teacher as a torch_dist checkpoint (via the `opd-train convert` command)."""
     from opd_train.toy.experiment import _convert_teacher

@@ -109,6 +109,30 @@ def _check_topk_kl(rank, x, teacher, tokens, ups, group):
         _close(a, b, f"opd_advantages topk {name}")
 
 
+def _check_empty_shard(rank, x, teacher, tokens, ups, group):
+    """Rows whose whole shard on one rank is -inf (masked or padded vocabulary columns): entropy and KL stay
+    finite and equal the unsharded op (0 * -inf at the combine gave NaN)."""
+    x, teacher, tokens = x.clone(), teacher.clone(), tokens.clone()
+    x[0, :, VOCAB_PER_RANK:] = -torch.inf                       # rank 1 holds no mass of these rows
+    teacher[0, :, VOCAB_PER_RANK:] = -torch.inf
+    x[1, :, :VOCAB_PER_RANK] = -torch.inf                       # rank 0 holds none of the student's mass
+    tokens[0] = tokens[0] % VOCAB_PER_RANK
+    tokens[1] = VOCAB_PER_RANK + tokens[1] % VOCAB_PER_RANK
+    full = x.clone().requires_grad_()
+    logp, ent = ok.token_logprobs(full, tokens, return_entropy=True)
+    kl = ok.reverse_kl(full, teacher)
+    (logp * ups[0] + ent * ups[1] + kl).sum().backward()
+    shard = _shard(x, rank).clone().requires_grad_()
+    logp_tp, ent_tp = ok.token_logprobs(shard, tokens, return_entropy=True, process_group=group)
+    kl_tp = ok.reverse_kl(shard, _shard(teacher, rank), process_group=group)
+    (logp_tp * ups[0] + ent_tp * ups[1] + kl_tp).sum().backward()
+    assert bool(torch.isfinite(ent_tp).all()) and bool(torch.isfinite(kl_tp[0]).all())
+    _close(logp_tp, logp, "empty shard logp")
+    _close(ent_tp, ent, "empty shard entropy")
+    _close(kl_tp, kl, "empty shard kl")
+    _close(shard.grad, _shard(full.grad, rank), "empty shard grad", atol=1e-2 if x.dtype != torch.float32 else 2e-6)
+
+
 def _worker(rank: int, init_file: str, backends: list[str]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -122,6 +146,7 @@ def _worker(rank: int, init_file: str, backends: list[str]) -> None:
                     _check_reverse_kl(rank, x, teacher, ups, group)
                     _check_opd_advantages(rank, x, teacher, tokens, ups, group)
                     _check_topk_kl(rank, x, teacher, tokens, ups, group)
+                    _check_empty_shard(rank, x, teacher, tokens, ups, group)
     finally:
         dist.destroy_process_group()
 

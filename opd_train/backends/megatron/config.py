@@ -226,12 +226,13 @@ class LossSettings:
     reduction: Literal["sample_mean", "token_mean"] = "sample_mean"
     entropy_coef: float = 0.0
     ref_kl_coef: float = 0.0
-    ref_kl: Literal["k1", "k2", "k3"] = "k3"
+    ref_kl: Literal["k1", "k2", "k3", "low_var_kl"] = "k3"
     value_clip: float | None = 0.2              # critic: clip of (V - V_old) in the value loss
 
     def __post_init__(self):
         _require(self.reduction in ("sample_mean", "token_mean"),
                  f"LossSettings.reduction={self.reduction!r}: use sample_mean or token_mean")
-        _require(self.ref_kl in ("k1", "k2", "k3"), f"LossSettings.ref_kl={self.ref_kl!r}: use k1, k2 or k3")
+        _require(self.ref_kl in ("k1", "k2", "k3", "low_var_kl"),
+                 f"LossSettings.ref_kl={self.ref_kl!r}: use k1, k2, k3 or low_var_kl")
         _require(self.eps_clip >= 0, "LossSettings.eps_clip must be >= 0")
         _require(self.dual_clip is None or self.dual_clip > 1.0, "LossSettings.dual_clip must be > 1 when set")

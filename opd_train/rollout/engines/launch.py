@@ -4,7 +4,8 @@
 children), writes its output to a log file (never a pipe that could fill up and block the server), waits until
 ``GET /health`` answers 200 while watching that the process is still alive (a dead server fails fast with the tail
 of its log), and on ``stop()`` sends SIGTERM to the whole group, then SIGKILL after a grace period. An ``atexit``
-hook stops servers the caller forgot, so a crashed driver leaves no orphan holding a port or GPU memory.
+hook stops servers the caller forgot, and the server asks Linux to SIGTERM it when the process that started it
+dies (``lifecycle.die_with_parent``), so a crashed driver leaves no orphan holding a port or GPU memory.
 
 SGLang is never imported here: :func:`is_sglang_available` only looks for the package.
 """
@@ -23,6 +24,8 @@ import urllib.error
 import urllib.request
 import weakref
 from dataclasses import dataclass, field
+
+from ...lifecycle import die_with_parent
 
 _LIVE: "weakref.WeakSet[ManagedServer]" = weakref.WeakSet()
 
@@ -72,7 +75,7 @@ class ManagedServer:
         try:
             self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=die_with_parent)
         finally:
             log.close()
         try:                                # from here on, any failure stops the process it started

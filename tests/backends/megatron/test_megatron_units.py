@@ -188,7 +188,7 @@ def test_convert_tool_rejects_bad_arguments_before_any_work(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, timeout=120)
     r = run("--hf-checkpoint", str(tmp_path))
-    assert r.returncode == 2 and "--hf-checkpoint needs --save" in r.stderr
+    assert r.returncode == 2 and "give --hf-checkpoint DIR --save DIR" in r.stderr
     r = run("--hf-checkpoint", str(tmp_path), "--save", str(tmp_path / "out"))
     assert r.returncode != 0 and "config.json" in r.stderr
 

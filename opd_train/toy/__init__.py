@@ -1,0 +1,1 @@
+"""The built-in CPU experiment (``opd-train`` with no model): the toy task, its tiny models, the result table."""
