@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, add_arguments, build_config, explicit_values, slime, validate
+from .config import ConfigError, add_arguments, build_config, explicit_values, notices, slime, validate
 from .extras import CONVERTING, SERVING, TRAINING, missing_module_message, require
 from .lifecycle import RunInterrupted, interruptible
 from .types import TeacherUnavailable
@@ -108,7 +108,10 @@ def train_main(argv: list[str]) -> int:
             run_experiment(values)
         else:
             from .train import run
-            run(validate(build_config(values)))
+            config = validate(build_config(values))
+            for line in notices(config):
+                print(f"opd-train: note: {line}", file=sys.stderr)
+            run(config)
     except ConfigError as exc:
         parser.exit(2, f"opd-train: error: {exc}\n")
     except TeacherUnavailable as exc:

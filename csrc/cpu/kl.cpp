@@ -16,8 +16,8 @@ struct KlResult {
 };
 
 // col: the student token's local column, or -1 (logp = 0).
-template <typename T>
-inline KlResult kl_row(const T* xs, const T* xt, int64_t V, float inv_t, int64_t col) {
+template <typename S, typename U>
+inline KlResult kl_row(const S* xs, const U* xt, int64_t V, float inv_t, int64_t col) {
   const PairStats st = pair_stats(xs, xt, V, inv_t);
   const double log_ss = std::log(st.ss), log_st = std::log(st.st);
   const double logp = col >= 0 ? (double(static_cast<float>(xs[col]) * inv_t) - st.ms) - log_ss : 0.0;
@@ -44,9 +44,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
   double *ko = kl.data_ptr<double>(), *lso = lse_s.data_ptr<double>(), *lto = lse_t.data_ptr<double>();
   float* lpo = logp.data_ptr<float>();
   const float inv_t = float(inv_temperature);
-  dispatch_float(xs.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *bs = xs.const_data_ptr<T>(), *bt = xt.const_data_ptr<T>();
+  dispatch_pair(xs.scalar_type(), xt.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using U = decltype(t_tag);
+    const S* bs = xs.const_data_ptr<S>();
+    const U* bt = xt.const_data_ptr<U>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t col = tok ? owned_column(tok[r], vocab_start, V, ignore_index) : -1;
@@ -65,11 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
 // log p_s - log p_t - KL = (zs - zt) - C with the row constant C = KL + lse_s - lse_t (double, split hi + lo) and
 // zs - zt formed exactly (TwoSum): where the student is confident and the teacher is not, zs - zt and C are
 // both ~|lse| while their difference is small, so one fp32 rounding of zs - zt would cost eps |lse|.
-template <typename T>
-inline void kl_bwd_row(const T* xs, const T* xt, T* out, int64_t V, float inv_t, float g, double lse_s,
+template <typename S, typename U>
+inline void kl_bwd_row(const S* xs, const U* xt, S* out, int64_t V, float inv_t, float g, double lse_s,
                        double lse_t, double kl) {
   if (g == 0.f) {
-    std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
+    std::memset(static_cast<void*>(out), 0, sizeof(S) * V);
     return;
   }
   const double c = kl + lse_s - lse_t;
@@ -110,10 +112,12 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
   const double* k = kl.const_data_ptr<double>();
   const float inv_t = float(inv_temperature);
-  dispatch_float(xs.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *bs = xs.const_data_ptr<T>(), *bt = xt.const_data_ptr<T>();
-    T* out = grad.data_ptr<T>();
+  dispatch_pair(xs.scalar_type(), xt.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using U = decltype(t_tag);
+    const S* bs = xs.const_data_ptr<S>();
+    const U* bt = xt.const_data_ptr<U>();
+    S* out = grad.data_ptr<S>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         kl_bwd_row(bs + r * ss, bt + r * st, out + r * V, V, inv_t, g[r], ls[r], lt[r], k[r]);
@@ -142,9 +146,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_full_fwd(const at::Tensor& xs
   const bool* keep = mask ? mask->const_data_ptr<bool>() : nullptr;
   float *ao = adv_out.data_ptr<float>(), *ko = kl.data_ptr<float>(), *lo = logp.data_ptr<float>();
   const float inv_t = float(inv_temperature);
-  dispatch_float(xs.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    const T *bs = xs.const_data_ptr<T>(), *bt = xt.const_data_ptr<T>();
+  dispatch_pair(xs.scalar_type(), xt.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using U = decltype(t_tag);
+    const S* bs = xs.const_data_ptr<S>();
+    const U* bt = xt.const_data_ptr<U>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         if (keep && !keep[r]) {  // masked out: not read, advantage kept

@@ -29,6 +29,12 @@ void dispatch_float(at::ScalarType type, F&& f) {
   }
 }
 
+// Calls f(S{}, U{}) with the C++ types of a student / teacher pair of logits (dtypes may differ).
+template <typename F>
+void dispatch_pair(at::ScalarType student, at::ScalarType teacher, F&& f) {
+  dispatch_float(student, [&](auto s) { dispatch_float(teacher, [&](auto u) { f(s, u); }); });
+}
+
 // Rows per parallel task: at least ~32k columns of work, so few-row / huge-vocabulary calls stay cheap.
 inline int64_t grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -122,8 +128,8 @@ struct PairStats {
 // own max) makes the dominant term of a confident student exactly 0: a stays small, so its fp32 rounding is
 // small too, and the backward's (zs - zt) - (KL + lse_s - lse_t) keeps its accuracy (a KL of 40 off by
 // ulp(40) would put ~4e-6 into the gradient of a column whose true gradient is ~0).
-template <typename T>
-inline void pair_sweep(const T* xs, const T* xt, int64_t n, float inv_t, float ms, float mt, float r,
+template <typename S, typename U>
+inline void pair_sweep(const S* xs, const U* xt, int64_t n, float inv_t, float ms, float mt, float r,
                        PairStats& st) {
   const __m256 vi = _mm256_set1_ps(inv_t), vms = _mm256_set1_ps(-ms), vmt = _mm256_set1_ps(-mt);
   const __m256 vr = _mm256_set1_ps(-r);
@@ -148,8 +154,8 @@ inline void pair_sweep(const T* xs, const T* xt, int64_t n, float inv_t, float m
 }
 
 // zt (z units) at the first column of the chunk holding the student's chunk max, or 0 when that is -inf.
-template <typename T>
-inline float teacher_at_student_max(const T* xs, const T* xt, int64_t n, float raw_s, float inv_t) {
+template <typename S, typename U>
+inline float teacher_at_student_max(const S* xs, const U* xt, int64_t n, float raw_s, float inv_t) {
   for (int64_t i = 0; i < n; ++i) {
     if (static_cast<float>(xs[i]) == raw_s) {
       const float zt = static_cast<float>(xt[i]) * inv_t;
@@ -159,8 +165,9 @@ inline float teacher_at_student_max(const T* xs, const T* xt, int64_t n, float r
   return 0.f;
 }
 
-template <typename T>
-inline PairStats pair_stats(const T* xs, const T* xt, int64_t V, float inv_t) {
+// S, U: the student's and the teacher's element types (each read in its own dtype, no converted copy).
+template <typename S, typename U>
+inline PairStats pair_stats(const S* xs, const U* xt, int64_t V, float inv_t) {
   PairStats st{-kInf, -kInf, 0.f, 0, 0, 0};
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);

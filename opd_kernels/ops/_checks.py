@@ -94,20 +94,31 @@ def integer(value, name: str) -> int:
     return value
 
 
-def pair(student: torch.Tensor, teacher, student_name: str, teacher_name: str) -> None:
-    """Student and teacher logits describe the same positions over the same vocabulary."""
+def pair(student: torch.Tensor, teacher, student_name: str, teacher_name: str, *, sharded: bool = False
+         ) -> torch.Tensor:
+    """Student and teacher logits describe the same positions over the same vocabulary; returns the teacher's
+    view over the student's columns.
+
+    The dtypes may differ (a bf16 teacher for an fp32 student, or the reverse): every backend reads each input in
+    its own dtype. A teacher with MORE columns than the student is a padded embedding of the same tokenizer
+    (Qwen2.5 7B has 151936 rows, 14B and up 152064, both over the same 151665 ids): its columns beyond the
+    student's are never a token, so the ops read ``teacher[..., :V]`` (a view, not a copy) and ignore them.
+    Under a vocabulary-sharded process group the shards of a wider teacher would not line up: refused."""
     logits(teacher, teacher_name)
-    if teacher.shape[-1] != student.shape[-1]:
-        raise ValueError(f"{teacher_name} has vocabulary size {teacher.shape[-1]} but {student_name} has "
-                         f"{student.shape[-1]}: the teacher must use the student's vocabulary (and tokenizer)")
+    V, Vt = student.shape[-1], teacher.shape[-1]
+    if Vt > V and not sharded:
+        teacher = teacher[..., :V]
+    elif Vt != V:
+        why = ("the teacher must use the student's vocabulary (and tokenizer)" if Vt < V else
+               "a padded teacher vocabulary is supported unsharded only: slice both to the tokenizer's ids "
+               "before sharding, or pad the student's embedding to the same size")
+        raise ValueError(f"{teacher_name} has vocabulary size {Vt} but {student_name} has {V}: {why}")
     if tuple(teacher.shape) != tuple(student.shape):
         raise ValueError(f"{teacher_name} shape {tuple(teacher.shape)} != {student_name} shape "
                          f"{tuple(student.shape)}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"{teacher_name} is {teacher.dtype} but {student_name} is {student.dtype}; cast one so "
-                        "both have the same dtype")
     if teacher.device != student.device:
         raise ValueError(f"{teacher_name} is on {teacher.device} but {student_name} is on {student.device}")
+    return teacher
 
 
 def token_values(t: torch.Tensor, vocab_total: int, ignore_index: int | None = None,

@@ -161,8 +161,10 @@ def _sharded(student_logits, tokens, advantages, teacher_logprobs, teacher_logit
     return OPDAdvantages(*_epilogue.apply_advantage(advantages, term, logp, mask, coef))
 
 
-def _teacher_inputs(kl, student_logits, teacher_logprobs, teacher_logits, teacher_topk_ids, teacher_topk_logprobs):
-    """Exactly the teacher inputs of this ``kl`` kind (clear errors otherwise); teacher_logprobs as fp32."""
+def _teacher_inputs(kl, student_logits, teacher_logprobs, teacher_logits, teacher_topk_ids, teacher_topk_logprobs,
+                    sharded: bool):
+    """Exactly the teacher inputs of this ``kl`` kind (clear errors otherwise): (teacher_logprobs as fp32,
+    teacher_logits over the student's vocabulary)."""
     given = {name for name, v in (("teacher_logprobs", teacher_logprobs), ("teacher_logits", teacher_logits),
                                   ("teacher_topk_ids", teacher_topk_ids),
                                   ("teacher_topk_logprobs", teacher_topk_logprobs)) if v is not None}
@@ -173,12 +175,13 @@ def _teacher_inputs(kl, student_logits, teacher_logprobs, teacher_logits, teache
                          "k1/k2/k3 use teacher_logprobs of the sampled tokens, 'full' teacher_logits, 'topk' the "
                          "teacher's top-K ids and log-probs")
     if kl == "full":
-        _checks.pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+        teacher_logits = _checks.pair(student_logits, teacher_logits, "student_logits", "teacher_logits",
+                                      sharded=sharded)
     elif kl == "topk":
         _checks.topk(teacher_topk_ids, teacher_topk_logprobs, student_logits)
     else:
         teacher_logprobs = _checks.float_values(teacher_logprobs, student_logits, "teacher_logprobs")
-    return teacher_logprobs
+    return teacher_logprobs, teacher_logits
 
 
 @torch.no_grad()
@@ -216,8 +219,9 @@ def opd_advantages(student_logits: torch.Tensor, tokens: torch.Tensor, advantage
     coef = _checks.finite_scalar(coef, "coef")
     temperature = _checks.positive_scalar(temperature, "temperature")
     mask = _checks.mask(mask, student_logits)
-    teacher_logprobs = _teacher_inputs(kl, student_logits, teacher_logprobs, teacher_logits, teacher_topk_ids,
-                                       teacher_topk_logprobs)
+    teacher_logprobs, teacher_logits = _teacher_inputs(kl, student_logits, teacher_logprobs, teacher_logits,
+                                                       teacher_topk_ids, teacher_topk_logprobs,
+                                                       sharded=process_group is not None)
     if process_group is not None:
         return _sharded(student_logits, tokens, advantages, teacher_logprobs, teacher_logits,
                         (teacher_topk_ids, teacher_topk_logprobs), mask, coef, temperature, kl, process_group)

@@ -2,7 +2,8 @@
 
 Math, z = logits / T: KL = sum_v p_S (log p_S - log p_T);
   d KL / d student_logits = p_S * (log p_S - log p_T - KL) / T     (the teacher gets no gradient).
-Shapes: student/teacher [..., V] (same dtype, any strides) -> fp32 [...].
+Shapes: student/teacher [..., V] (any float dtypes, each read as it is; any strides; a padded teacher
+[..., V' > V] is read over the student's V columns) -> fp32 [...].
 Memory: ONE pass over both rows per row (online softmax with rescaling for both); the forward saves the two
 per-row log-sum-exps and KL, and the backward recomputes both softmaxes from the logits. Under tensor
 parallelism only per-row scalars are all-reduced (``_tp.py``). Rows with mask == 0 give 0 and a zero gradient.
@@ -141,8 +142,9 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
 
     Args:
         student_logits: [..., V] float32 / bfloat16 / float16, any strides; differentiable.
-        teacher_logits: [..., V], same shape, dtype and device; gets no gradient (detach it: a teacher that
-            requires grad while grad mode is on is refused rather than silently left without a gradient).
+        teacher_logits: [..., V] on the same device, in any float dtype (read as it is, no converted copy); a
+            padded teacher [..., V' > V] (same tokenizer) is read over the student's V columns. Gets no gradient
+            (detach it: a teacher that requires grad while grad mode is on is refused, not silently ignored).
         temperature: > 0.
         mask: [...] bool (or numbers, 0 = masked out): masked rows give 0 and a zero gradient.
         process_group: a torch.distributed group over which the vocabulary is sharded (both inputs are this
@@ -152,7 +154,8 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, te
         kl [...] float32, differentiable w.r.t. ``student_logits``.
     """
     _checks.logits(student_logits, "student_logits")
-    _checks.pair(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    teacher_logits = _checks.pair(student_logits, teacher_logits, "student_logits", "teacher_logits",
+                                  sharded=process_group is not None)
     mask = _checks.mask(mask, student_logits)
     temperature = _checks.positive_scalar(temperature, "temperature")
     if teacher_logits.requires_grad and torch.is_grad_enabled():

@@ -43,11 +43,11 @@ import torch
 
 from ._checks import as_bool_mask, check_2d, check_coef, check_same_shape
 from .opd import kl_estimate
+from .whiten import masked_mean
 
 # Estimators of the reference-KL loss: the sampled ones, and slime's low_var_kl (k3 clamped to [-10, 10]).
 REF_KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 LOW_VAR_KL_CLAMP = 10.0
-from .whiten import masked_mean
 
 REDUCTIONS = ("sample_mean", "token_mean")
 LOG_RATIO_CLAMP = 20.0

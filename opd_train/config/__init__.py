@@ -15,10 +15,10 @@ from .plan import MAX_FULL_KL_HTTP_VOCAB, OPDPlan
 from .sections import (FIELD_SECTION, OPD_POST_PROCESS, OPD_REWARD_FUNC, REWARD_NAMES, SECTIONS, AlgoConfig,
                        ArgsView, CheckpointConfig, ClusterConfig, Config, ConfigError, DataConfig, ExperimentConfig,
                        LogConfig, ModelConfig, OPDConfig, RewardConfig, RolloutConfig, TrainConfig)
-from .validation import teacher_hf_dir, validate
+from .validation import notices, teacher_hf_dir, validate
 
 __all__ = ["FIELD_SECTION", "MAX_FULL_KL_HTTP_VOCAB", "OPD_POST_PROCESS", "OPD_REWARD_FUNC", "REWARD_NAMES",
            "SECTIONS", "AlgoConfig", "ArgsView", "CheckpointConfig", "ClusterConfig", "Config", "ConfigError",
            "DataConfig", "ExperimentConfig", "LogConfig", "ModelConfig", "OPDConfig", "OPDPlan", "RewardConfig",
            "RolloutConfig", "TrainConfig", "add_arguments", "build_config", "explicit_values", "load_yaml",
-           "teacher_hf_dir", "validate"]
+           "notices", "teacher_hf_dir", "validate"]

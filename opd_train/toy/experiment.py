@@ -24,7 +24,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import ConfigError, build_config, validate
 from ..observability import log_dir, quiet_driver
@@ -56,6 +56,7 @@ class Plan:
     train_prompts: int
     eval_prompts: int
     common: dict                 # flag values of every run (user flags override them)
+    shape: dict = field(default_factory=dict)   # values that also override each run's own (the fast test shape)
 
 
 def plan(fast: bool, seed: int = 0) -> Plan:
@@ -67,10 +68,11 @@ def plan(fast: bool, seed: int = 0) -> Plan:
                   advantage_estimator="grpo", rollout_shuffle=True, max_tokens_per_gpu=512,
                   rollout_seed=42 + seed, seed=1234 + seed)
     if fast:      # exercises every piece in seconds; the numbers of the table are meaningless
-        common.update(rollout_batch_size=4, global_batch_size=8, num_rollout=2, eval_interval=2, lr_warmup_iters=0)
+        shape = dict(rollout_batch_size=4, global_batch_size=8, num_rollout=2, eval_interval=2, lr_warmup_iters=0)
+        common.update(shape)
         return Plan(teacher_sft=SFTSettings(STUDENT, steps=30, lr=3e-3, batch_size=32, seed=2 * seed),
                     student_sft=SFTSettings(STUDENT, steps=5, lr=1e-3, batch_size=32, seed=2 * seed + 1),
-                    train_prompts=256, eval_prompts=16, common=common)
+                    train_prompts=256, eval_prompts=16, common=common, shape=shape)
     # The teacher: constant lr, then a cosine decay over the last quarter (99.8% held-out, confident answers).
     return Plan(teacher_sft=SFTSettings(TEACHER, steps=450, lr=1e-3, batch_size=128, seed=2 * seed, decay_start=330),
                 student_sft=SFTSettings(STUDENT, steps=800, lr=1e-3, batch_size=128, seed=2 * seed + 1,
@@ -88,7 +90,8 @@ def run_table(plan_: Plan, user: dict, baseline: bool, baseline_lr: float) -> di
         opd = {"opd": (f"student SFT + OPD ({kind} KL)", {**base, "opd_kl_mode": mode})}
     else:
         opd = OPD_RUNS
-    runs = {name: (label, {**plan_.common, **values, **user, "use_opd": True}) for name, (label, values) in opd.items()}
+    runs = {name: (label, {**plan_.common, **values, **plan_.shape, **user, "use_opd": True})
+            for name, (label, values) in opd.items()}
     if baseline:
         drop = lambda d: {k: v for k, v in d.items() if not k.startswith("opd_") and k not in (  # noqa: E731
             "rm_url", "offload_teacher", "normalize_advantages")}

@@ -358,3 +358,10 @@ def test_cli_reports_errors_before_anything_starts(env, monkeypatch, capsys):
             cli.main(argv)
         assert exc.value.code == 2
         assert "opd-train: error: " in capsys.readouterr().err
+
+
+def test_an_unwarmed_high_learning_rate_gets_a_notice():
+    from opd_train.config import build_config, notices
+    assert any("--lr-warmup-iters" in n for n in notices(build_config({"lr": 1e-3})))
+    assert not notices(build_config({"lr": 1e-3, "lr_warmup_iters": 20}))
+    assert not notices(build_config({}))                      # slime's default lr 1e-6

@@ -134,3 +134,18 @@ def test_empty_inputs(backend):
     for kwargs in ({"teacher_logprobs": zero}, {"teacher_logits": student, "kl": "full"}):
         out = ok.opd_advantages(student, tokens, zero, **kwargs)
         assert all(t.shape == (0,) for t in out)
+
+
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float32, torch.bfloat16),
+                                                          (torch.bfloat16, torch.float32)], ids=str)
+def test_full_kl_with_a_padded_teacher_in_another_dtype(backend, student_dtype, teacher_dtype, gen):
+    """The Megatron-mode teacher as users have it: bf16 with a padded embedding for an fp32 student (and the
+    reverse): read in its own dtype over the student's columns, within the rule against the float64 oracle."""
+    student, tokens, advantages, mask = _inputs((4, 9, 3000), student_dtype, gen, backend.device)
+    real = logits(student.shape, teacher_dtype, gen, "random", backend.device)
+    padded = torch.cat([real, torch.full((4, 9, 64), 40.0, dtype=teacher_dtype, device=backend.device)], -1)
+    kwargs = dict(coef=2.0, temperature=1.2, kl="full", mask=mask)
+    got = ok.opd_advantages(student, tokens, advantages, teacher_logits=padded, **kwargs)
+    oracle = reference(student.double(), tokens, advantages.double(), teacher_logits=real.double(), **kwargs)
+    torch32 = reference(student.float(), tokens, advantages, teacher_logits=real.float(), **kwargs)
+    _check_outputs(backend, got, oracle, torch32, "padded, mixed dtypes")

@@ -116,3 +116,36 @@ def test_empty_inputs(backend):
     assert kl.shape == (0, 7)
     kl.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float32, torch.bfloat16),
+                                                          (torch.bfloat16, torch.float32),
+                                                          (torch.float16, torch.bfloat16)], ids=str)
+def test_teacher_in_another_dtype(backend, student_dtype, teacher_dtype, gen):
+    """A bf16 teacher for an fp32 student (and the reverse): each input read in its own dtype, results within the
+    rule against the float64 oracle of the same values; the gradient has the student's dtype."""
+    student = logits((rows_for(32000, backend.slow), 32000), student_dtype, gen, "random", backend.device)
+    teacher = logits(student.shape, teacher_dtype, gen, "peaked", backend.device)
+    _forward_vs_oracle(backend, student, teacher, 0.8, "mixed dtypes")
+    backend.require_float64_lse()
+    _gradient_vs_oracle(backend, student, teacher, 0.8, gen, "mixed dtypes")
+
+
+def test_padded_teacher_vocabulary_is_read_over_the_students_columns(backend, gen):
+    """A teacher with a padded embedding (same tokenizer, more rows: Qwen's 151936 / 152064) equals the teacher cut
+    to the student's vocabulary, whatever its padding columns hold; no gradient or value comes from them."""
+    student = logits((3, 4, 1000), torch.float32, gen, "random", backend.device)
+    teacher = torch.cat([logits((3, 4, 1000), torch.bfloat16, gen, "random", backend.device),
+                         torch.full((3, 4, 24), 30.0, dtype=torch.bfloat16, device=backend.device)], -1)
+    kl = ok.reverse_kl(student, teacher)
+    assert torch.equal(kl, ok.reverse_kl(student, teacher[..., :1000].contiguous()))
+    backend.require_float64_lse()
+    _gradient_vs_oracle(backend, student, teacher[..., :1000], 1.0, gen, "padded teacher")
+    with pytest.raises(ValueError, match="has vocabulary size 1000 but student_logits has 1024"):
+        ok.reverse_kl(teacher.float(), student)                          # a NARROWER teacher is a different model
+
+
+def test_padded_teacher_is_refused_under_a_sharded_vocabulary():
+    from opd_kernels.ops import _checks
+    with pytest.raises(ValueError, match="padded teacher vocabulary is supported unsharded only"):
+        _checks.pair(torch.zeros(2, 8), torch.zeros(2, 10), "student_logits", "teacher_logits", sharded=True)

@@ -79,20 +79,20 @@ def forward_rows(mb: MicroBatch, logits: torch.Tensor, teacher_logits: torch.Ten
     group = _group(tp_group, tp_size)
     kw = dict(temperature=temperature, process_group=group)
     if teacher_logits is not None:
-        teacher_lp = opd_kernels.token_logprobs(teacher_logits[0], mb.targets, ignore_index=IGNORE_INDEX, **kw)
+        teacher_logprobs = opd_kernels.token_logprobs(teacher_logits[0], mb.targets, ignore_index=IGNORE_INDEX, **kw)
         source = (dict(teacher_logits=teacher_logits[0]) if opd.estimator is None
-                  else dict(teacher_logprobs=teacher_lp))
+                  else dict(teacher_logprobs=teacher_logprobs))
     else:
-        teacher_lp = mb.extras["teacher_logprobs"]
+        teacher_logprobs = mb.extras["teacher_logprobs"]
         source = (dict(teacher_topk_ids=mb.extras["topk_ids"], teacher_topk_logprobs=mb.extras["topk_logprobs"])
-                  if opd.estimator is None else dict(teacher_logprobs=teacher_lp))
+                  if opd.estimator is None else dict(teacher_logprobs=teacher_logprobs))
     kind = opd.estimator or ("full" if teacher_logits is not None else "topk")
     # every response token (the loss mask applies in the loss and the metrics, as for the plain forward)
     scoring = mb.targets != IGNORE_INDEX
     out = opd_kernels.opd_advantages(logits[0], mb.targets, mb.extras["adv_rows"], kl=kind,
                                      coef=opd.advantage_coef, mask=scoring, **source, **kw)
     return {"logprobs": out.student_logprobs, "advantages": out.advantages, "opd_kl": out.kl,
-            "teacher_logprobs": torch.where(scoring, teacher_lp, torch.zeros_like(teacher_lp))}
+            "teacher_logprobs": torch.where(scoring, teacher_logprobs, torch.zeros_like(teacher_logprobs))}
 
 
 def loss_kl(mb: MicroBatch, logits: torch.Tensor, teacher_logits: torch.Tensor | None, *, temperature: float,
