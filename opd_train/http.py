@@ -91,7 +91,8 @@ class AsyncHTTP:
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=self.concurrency)
-            self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda x: orjson.dumps(x).decode())
+            self._session = aiohttp.ClientSession(connector=connector,
+                                                  json_serialize=lambda x: orjson.dumps(x).decode())
             self._sem = asyncio.Semaphore(self.concurrency)
         return self._session
 

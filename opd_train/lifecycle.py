@@ -4,7 +4,8 @@ Python's default SIGTERM / SIGHUP actions end the process at once, skipping ever
 engine servers they started (own process groups) and the teacher server would survive as orphans. Inside
 :func:`interruptible` the first such signal raises :class:`RunInterrupted` in the main thread (also while it waits
 in ``ray.get``), so the training loop saves a resumable checkpoint and the runtime stops everything it started;
-further signals during that cleanup are reported and ignored (SIGKILL remains the hard stop). Server subprocesses
+further signals during that cleanup are reported and ignored (SIGKILL remains the hard stop). A signal whose
+handler ran inside a finalizer (where Python swallows exceptions) is delivered again. Server subprocesses
 also ask Linux to SIGTERM them when the process that started them dies (:func:`die_with_parent`), the last line of
 defence against a parent killed with SIGKILL.
 """
@@ -14,6 +15,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
 SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if s is not None)
 
@@ -54,12 +56,26 @@ def interruptible():
         state["interrupted"] = True
         raise RunInterrupted(signum)
 
+    previous_hook = sys.unraisablehook
+
+    def unraisable(info):
+        # The handler runs wherever the main thread is, also inside a finalizer (__del__, a weakref callback),
+        # where Python swallows exceptions: the run would go on. Deliver the signal again a moment later, from
+        # another thread (raising it here would run the handler inside this hook, where it is swallowed too).
+        if isinstance(info.exc_value, RunInterrupted):
+            state["interrupted"] = False
+            threading.Timer(0.01, os.kill, (os.getpid(), info.exc_value.signum)).start()
+            return
+        previous_hook(info)
+
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    sys.unraisablehook = unraisable
     _ACTIVE.append(handler)
     try:
         yield
     finally:
         _ACTIVE.pop()
+        sys.unraisablehook = previous_hook
         for s, h in previous.items():
             signal.signal(s, h)
 

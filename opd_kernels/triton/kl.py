@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (EXACT, block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t, device_ctx,
-                      fold_mass, is_top, log1p, log_mass, lse_out, merge_parts, rescale, row_vector, safe_max,
-                      split_block, split_config, split_lse, sums7, to_output_dtype, token_logit, two_diff, kl_value)
+from ._common import (EXACT, block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t,
+                      device_ctx, fold_mass, is_top, kl_value, log_mass, lse_out, merge_parts, rescale, row_vector,
+                      safe_max, split_block, split_config, split_lse, sums7, to_output_dtype, token_logit, two_diff)
 
 PARTS: tl.constexpr = tl.constexpr(7)  # float64s per partial state of the split path: ms, cs, rs, mt, ct, rt, a
 

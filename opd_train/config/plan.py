@@ -2,15 +2,15 @@ r"""The OPD plan: how on-policy distillation runs, decided once (in :func:`~.val
 
 The driver loop, the rollout manager's teacher hook and the trainer read :class:`OPDPlan`; nothing re-decides a mode.
 
-=========  ===========  ===============================================  ==================================================
-teacher    kl           what the teacher provides per response position  where the KL acts
-=========  ===========  ===============================================  ==================================================
-sglang     k1, k2, k3   log p_T(sampled token) (the scoring request)      advantage: A' = A - coef * k(d), d = lp_S - lp_T
-sglang     topk         the teacher's top-K (id, log p_T) pairs           loss: coef * KL over the K ids + a tail bucket
-sglang     full         all V log-probs (top_logprobs_num = V <= 4096)    loss: coef * the exact KL (top-k kernel, K = V)
-megatron   k1, k2, k3   teacher logits in the trainer -> log p_T(token)   advantage, as above
-megatron   full         teacher logits in the trainer                     loss: coef * the exact KL
-=========  ===========  ===============================================  ==================================================
+========  ==========  ==============================================  ==============================================
+teacher   kl          what the teacher provides per response token    where the KL acts
+========  ==========  ==============================================  ==============================================
+sglang    k1, k2, k3  log p_T(sampled token) (the scoring request)    advantage: A' = A - coef * k(lp_S - lp_T)
+sglang    topk        the teacher's top-K (id, log p_T) pairs         loss: coef * KL over the K ids + a tail bucket
+sglang    full        all V log-probs (top_logprobs_num = V <= 4096)  loss: coef * the exact KL (top-k kernel, K=V)
+megatron  k1, k2, k3  teacher logits in the trainer -> log p_T(tok)    advantage, as above
+megatron  full        teacher logits in the trainer                   loss: coef * the exact KL
+========  ==========  ==============================================  ==============================================
 
 Why the exact and top-k KLs are loss terms and not advantage penalties: ``KL_t = sum_v p_S(v) (log p_S(v) -
 log p_T(v))`` depends on the prefix only, not on the sampled token, so as a detached advantage of that token its

@@ -54,7 +54,8 @@ IGNORED_VALUES = (
 REQUIRED = {"--pipeline-model-parallel-size": "1", "--context-parallel-size": "1",
             "--expert-model-parallel-size": "1", "--expert-tensor-parallel-size": "1",
             "--attention-dropout": "0", "--hidden-dropout": "0", "--optimizer": "adam"}
-WHY_IGNORED = "has no counterpart here (opd-train packs micro-batches by --max-tokens-per-gpu and places its own actors)"
+WHY_IGNORED = ("has no counterpart here (opd-train packs micro-batches by --max-tokens-per-gpu and places its own "
+               "actors)")
 
 
 def _dest(flag: str) -> str:

@@ -126,8 +126,8 @@ def _sglang_plan(c: Config) -> OPDPlan:
         why = ("--opd-kl-mode full fetches" if o.opd_kl_mode == "full" else
                f"--rollout-temperature {temperature} needs the teacher log-probs at T, i.e. fetching")
         _fail(f"{why} the teacher's full distribution over HTTP (top_logprobs_num = vocab size = {vocab}); above "
-              f"{MAX_FULL_KL_HTTP_VOCAB} that is too large: use --opd-kl-mode topk --opd-teacher-topk K (the KL over the "
-              "teacher's top-K), --opd-type megatron (the exact KL from logits in the trainer), or roll out at T=1")
+              f"{MAX_FULL_KL_HTTP_VOCAB} that is too large: use --opd-kl-mode topk --opd-teacher-topk K (the KL over "
+              "the teacher's top-K), --opd-type megatron (the exact KL from logits in the trainer), or roll out at T=1")
     return OPDPlan("sglang", kl, o.opd_kl_coef, teacher_topk=(vocab or 0) if needs_full else 0,
                    temperature=temperature)
 

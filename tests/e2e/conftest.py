@@ -6,7 +6,6 @@ The models are trained for a few SFT steps only (the driver's behaviour is under
 """
 from __future__ import annotations
 
-import json
 import random
 
 import pytest

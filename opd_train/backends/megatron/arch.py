@@ -7,8 +7,6 @@ instead of being silently mis-converted.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 FAMILIES = ("qwen3", "qwen2", "llama")
@@ -100,14 +98,6 @@ def arch_from_hf_config(cfg: dict) -> ModelArch:
         rope_theta=float(rope["rope_theta"]), rope_llama3_factor=_llama3_factor(rope), qkv_bias=qkv_bias,
         qk_norm=family == "qwen3", tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), hf_config=dict(cfg))
-
-
-def read_hf_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory!r} has no config.json: not a HuggingFace model directory")
-    with open(path) as f:
-        return json.load(f)
 
 
 def check_tensor_parallel(arch: ModelArch, tp: int) -> None:

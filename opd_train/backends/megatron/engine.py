@@ -11,7 +11,8 @@ import os
 import torch
 
 from . import checkpoint as ckpt
-from .arch import ModelArch, arch_from_hf_config, read_hf_config
+from ...hf import read_config
+from .arch import ModelArch, arch_from_hf_config
 from .config import ModelSource, OptimizerSettings
 from .convert import expected_hf_names, gather_weights, hf_tensors_from_mcore, load_weights, mcore_tensor_from_hf
 from .dist import ParallelContext
@@ -23,7 +24,7 @@ VALUE_HEAD_PREFIX = "output_layer."   # critic: the value head replaces the LM o
 
 def arch_of_source(source: ModelSource) -> ModelArch:
     if source.hf_path is not None:
-        return arch_from_hf_config(read_hf_config(source.hf_path))
+        return arch_from_hf_config(read_config(source.hf_path))
     if source.checkpoint is not None:
         return ckpt.read_arch(source.checkpoint, source.step)
     return arch_from_hf_config(source.hf_config)
@@ -34,7 +35,7 @@ def arch_of_dir(directory: str, step: int | None = None) -> tuple[ModelArch, str
     if ckpt.has_checkpoint(directory) or step is not None:
         return ckpt.read_arch(directory, step), "checkpoint"
     if os.path.isfile(os.path.join(directory, "config.json")):
-        return arch_from_hf_config(read_hf_config(directory)), "hf"
+        return arch_from_hf_config(read_config(directory)), "hf"
     raise FileNotFoundError(f"{directory!r} is neither a torch_dist checkpoint (no {ckpt.TRACKER}; iterations: "
                             f"{ckpt.list_iterations(directory) or 'none'}) nor a HF model dir (no config.json)")
 

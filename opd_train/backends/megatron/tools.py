@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from . import checkpoint as ckpt
-from .arch import arch_from_hf_config, read_hf_config
+from ...hf import read_config
+from .arch import arch_from_hf_config
 from .cpu_compat import cpu_compat
 from .dist import current_context
 from .engine import ModelEngine
@@ -22,7 +23,7 @@ def convert_hf_to_torch_dist(hf_dir: str, save_dir: str, *, step: int = 0, dtype
     """Collective: read a HF model dir and save it as iteration ``step`` of a torch_dist checkpoint dir."""
     with cpu_compat():
         ctx = current_context()
-        engine = ModelEngine(arch_from_hf_config(read_hf_config(hf_dir)), ctx, dtype=dtype, name="converted")
+        engine = ModelEngine(arch_from_hf_config(read_config(hf_dir)), ctx, dtype=dtype, name="converted")
         engine.load_hf(hf_dir)
         meta = {"has_optimizer": False, "tensor_parallel": ctx.tp_size, "data_parallel": ctx.dp_size,
                 "dtype": dtype, "role": "converted", "source": os.path.abspath(hf_dir)}
@@ -55,7 +56,7 @@ def check_conversion(direction: str, src: str, step: int | None, dtype: str | No
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source {src!r} is not a directory")
     if direction == "hf2dist":
-        arch_from_hf_config(read_hf_config(src))          # supported family, sane config
+        arch_from_hf_config(read_config(src))          # supported family, sane config
         if not any(n.endswith(".safetensors") for n in os.listdir(src)):
             raise FileNotFoundError(f"{src!r} has no *.safetensors weights")
         if step is not None and step < 0:

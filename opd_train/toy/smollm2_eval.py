@@ -1,0 +1,95 @@
+"""Held-out measures of the prune-and-heal experiment, in plain PyTorch on the HF directories (no Ray, no server).
+
+For each held-out prompt (chat template applied, as in training):
+
+- ``kl``: the mean per-token reverse KL(student || teacher), exact over the vocabulary, on the student's own
+  samples (T = 1, seeded): what OPD minimises, measured where the student goes;
+- ``kl_teacher_text``: the same on the teacher's greedy continuations, teacher-forced. A student cannot lower it by
+  answering differently (say, in one token): it measures how close its distribution is where the teacher goes;
+- ``agreement``: the share of prompts whose greedy answer (decoded, stripped) equals the teacher's.
+
+Each mean counts the response tokens up to and including the end-of-turn token.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as a chat user turn with the assistant's turn opened (the training prompts)."""
+    out = []
+    for p in prompts:
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=True)
+        out.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[int], pad_id: int, *,
+             greedy: bool, seed: int = 0, batch: int = 16) -> list[list[int]]:
+    """Continuations (up to and including the first end token) of each prompt, left-padded batches."""
+    out = []
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        new = []
+        past = None
+        step_ids = ids
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        step_pos = positions
+        for _ in range(max_new_tokens):
+            res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                        use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[:, -1].float()
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            new.append(token)
+            done |= torch.tensor([int(t) in eos_ids for t in token])
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(len(chunk), 1, dtype=mask.dtype)], 1)
+            step_pos = step_pos[:, -1:] + 1
+            step_ids = token[:, None]
+        gen = torch.stack(new, 1).tolist()
+        for row in gen:
+            cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row) - 1)
+            out.append(row[:cut + 1])
+    return out
+
+
+@torch.no_grad()
+def mean_kl(student, teacher, prompts: list[list[int]], responses: list[list[int]]) -> float:
+    """Mean per-token KL(student || teacher) at T = 1 over the response tokens, teacher-forced."""
+    total, count = 0.0, 0
+    for prompt, response in zip(prompts, responses):
+        if not response:
+            continue
+        ids = torch.tensor([prompt + response])
+        P = len(prompt)
+        ls = torch.log_softmax(student(input_ids=ids).logits[0, P - 1:-1].float(), -1)
+        lt = torch.log_softmax(teacher(input_ids=ids).logits[0, P - 1:-1].float(), -1)
+        V = ls.shape[-1]
+        total += float((ls.exp() * (ls - lt[:, :V])).sum())
+        count += len(response)
+    return total / max(count, 1)
+
+
+def evaluate(student, teacher, tokenizer, prompts: list[list[int]], teacher_text: list[list[int]],
+             teacher_answers: list[str], max_new_tokens: int, eos_ids: set[int], seed: int = 0) -> dict:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    own = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=False, seed=seed)
+    greedy = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=True)
+    answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in greedy]
+    return {"kl": mean_kl(student, teacher, prompts, own),
+            "kl_teacher_text": mean_kl(student, teacher, prompts, teacher_text),
+            "agreement": sum(a == b for a, b in zip(answers, teacher_answers)) / max(len(prompts), 1),
+            "examples": [{"student": a, "teacher": b} for a, b in list(zip(answers, teacher_answers))[:4]]}
