@@ -1,7 +1,8 @@
 """``opd-train``: parse -> validate -> run.
 
     opd-train [train] [FLAGS]          on-policy distillation / RL training (the default command). Without
-                                       --hf-checkpoint it runs the built-in CPU experiment (toy task, tiny models).
+                                       --hf-checkpoint it runs a built-in CPU experiment: the toy task with tiny
+                                       models, or --experiment smollm2 (prune and heal SmolLM2-135M-Instruct).
     opd-train serve --model DIR ...    our SGLang-protocol CPU inference server (student engine or teacher)
     opd-train convert hf2dist|dist2hf SRC DST [--step N] [--dtype fp32|bf16]
                                        HF safetensors <-> Megatron torch_dist checkpoints

@@ -7,9 +7,10 @@ evenly spread layers instead wrecks it (10 of 30 kept: "while while while"; 20 o
 
 Prompts are generated locally (:mod:`.smollm2_prompts`; chat template applied, as the teacher expects). The student
 is trained by OPD only (no task reward) through the real driver (Ray, the Megatron trainer, our CPU engines), in
-both teacher modes: ``sglang`` (the teacher served over HTTP by our SGLang-protocol CPU engine; top-K KL: the
-vocabulary of 49152 is too large for the full distribution over HTTP) and ``megatron`` (the teacher loaded in the
-trainer; the exact full-vocabulary KL). Before and after, on held-out prompts (:mod:`.smollm2_eval`): ``kl``,
+both teacher modes, each with slime's sampled k1 advantage penalty and with a distribution KL: ``sglang`` (the
+teacher served over HTTP by our SGLang-protocol CPU engine; top-K KL: the vocabulary of 49152 is too large for the
+full distribution over HTTP) and ``megatron`` (the teacher loaded in the trainer; the exact full-vocabulary KL).
+Before and after, on held-out prompts (:mod:`.smollm2_eval`): ``kl``,
 ``kl_teacher_text`` and ``agreement``. Written to ``DIR/results.json`` with ``DIR/curves.png``.
 """
 from __future__ import annotations
@@ -27,16 +28,21 @@ from .smollm2_models import build_models, quiet_hf
 DROPPED = range(18, 24)                   # the layers the student loses (see the module docstring)
 RESPONSE_TOKENS = 16                       # rollout and evaluation answers, up to and including the end token
 RUNS = {
-    "sglang_topk": ("OPD, SGLang teacher (HTTP), top-32 KL + tail", dict(opd_type="sglang", opd_kl_mode="topk",
-                                                                         opd_teacher_topk=32)),
-    "megatron_full": ("OPD, Megatron teacher (in the trainer), exact KL", dict(opd_type="megatron",
-                                                                              opd_kl_mode="full")),
+    "sglang_k1": ("SGLang teacher (HTTP), sampled k1 (slime's objective)",
+                  dict(opd_type="sglang", opd_kl_mode="sampled", opd_kl_estimator="k1", normalize_advantages=True)),
+    "sglang_topk": ("SGLang teacher (HTTP), top-32 KL + tail", dict(opd_type="sglang", opd_kl_mode="topk",
+                                                                    opd_teacher_topk=32)),
+    "megatron_k1": ("Megatron teacher (in the trainer), sampled k1",
+                    dict(opd_type="megatron", opd_kl_mode="sampled", opd_kl_estimator="k1",
+                         normalize_advantages=True)),
+    "megatron_full": ("Megatron teacher (in the trainer), exact KL", dict(opd_type="megatron", opd_kl_mode="full")),
 }
 COMMON = dict(use_opd=True, opd_kl_coef=1.0, advantage_estimator="grpo", input_key="messages",
               apply_chat_template=True, rollout_batch_size=8, n_samples_per_prompt=2, global_batch_size=16,
-              num_rollout=24, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=3e-5,
-              lr_warmup_iters=3, lr_decay_style="cosine", min_lr=3e-6, clip_grad=1.0, max_tokens_per_gpu=1024,
+              num_rollout=18, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=5e-5,
+              lr_warmup_iters=2, lr_decay_style="cosine", min_lr=5e-6, clip_grad=1.0, max_tokens_per_gpu=1024,
               rollout_shuffle=True, eval_interval=None, save_interval=None)
+MEASURES = ("kl", "kl_teacher_text", "agreement", "first_token_agreement", "common_prefix")
 FAST = dict(num_rollout=2, rollout_batch_size=2, global_batch_size=4, lr_warmup_iters=0)
 
 
@@ -144,10 +150,10 @@ def run_smollm2(user: dict) -> dict:
                 phases.run(f"train {name}", run, cfg, pool=pool)
                 after = phases.run(f"measure {name}", _measure,
                                    os.path.join(values["output_dir"], "weights", "actor"), reference)
-                results[name] = {"label": label, **{f"{k}_before": before[k] for k in ("kl", "kl_teacher_text",
-                                                                                          "agreement")},
-                                 **{f"{k}_after": after[k] for k in ("kl", "kl_teacher_text", "agreement")},
-                                 "examples_after": after["examples"]}
+                _say(f"{name} after: kl {after['kl']:.3f}, kl_teacher_text {after['kl_teacher_text']:.3f}, "
+                     f"agreement {after['agreement']:.0%}")
+                results[name] = {"label": label, **{f"{k}_before": before[k] for k in MEASURES},
+                                 **{f"{k}_after": after[k] for k in MEASURES}, "examples_after": after["examples"]}
     finally:
         teacher.stop()
         if started_ray:
@@ -168,11 +174,13 @@ def _write(out: str, results: dict, runs: dict, before: dict, keep: int, phases:
     os.replace(tmp, os.path.join(out, "results.json"))
     plot_curves("", os.path.join(out, "curves.png"),
                 runs={label: os.path.join(values["output_dir"], "metrics.jsonl") for label, values in runs.values()})
-    lines = ["| run | kl (own samples) | kl_teacher_text | agreement |", "|---|---|---|---|"]
+    lines = ["| run | kl (own samples) | kl_teacher_text | agreement | first-token agreement | common prefix |",
+             "|---|---|---|---|---|---|"]
     for r in results.values():
-        lines.append(f"| {r['label']} | {r['kl_before']:.3f} -> {r['kl_after']:.3f} | {r['kl_teacher_text_before']:.3f}"
-                     f" -> {r['kl_teacher_text_after']:.3f} | {r['agreement_before']:.0%} -> "
-                     f"{r['agreement_after']:.0%} |")
+        cell = lambda k, f: f"{format(r[k + '_before'], f)} -> {format(r[k + '_after'], f)}"  # noqa: E731
+        lines.append(f"| {r['label']} | {cell('kl', '.3f')} | {cell('kl_teacher_text', '.3f')} | "
+                     f"{cell('agreement', '.0%')} | {cell('first_token_agreement', '.0%')} | "
+                     f"{cell('common_prefix', '.2f')} |")
     print("\n" + "\n".join(lines) + "\n")
     print(f"total {summary['total_seconds']:.0f} s; results: {os.path.join(out, 'results.json')}", flush=True)
     return summary

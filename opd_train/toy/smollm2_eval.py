@@ -6,7 +6,8 @@ For each held-out prompt (chat template applied, as in training):
   samples (T = 1, seeded): what OPD minimises, measured where the student goes;
 - ``kl_teacher_text``: the same on the teacher's greedy continuations, teacher-forced. A student cannot lower it by
   answering differently (say, in one token): it measures how close its distribution is where the teacher goes;
-- ``agreement``: the share of prompts whose greedy answer (decoded, stripped) equals the teacher's.
+- ``agreement``: the share of prompts whose greedy answer (decoded, stripped) equals the teacher's; with
+  ``first_token_agreement`` and ``common_prefix`` (leading tokens equal to the teacher's) as finer views.
 
 Each mean counts the response tokens up to and including the end-of-turn token.
 """
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from .smollm2_prompts import messages
+
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt as a chat user turn with the assistant's turn opened (the training prompts)."""
+    """Token ids of each prompt as the training prompts are sent: the chat template over the system and user
+    turns, the assistant's turn opened."""
     out = []
     for p in prompts:
-        encoded = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                tokenize=True)
+        encoded = tokenizer.apply_chat_template(messages(p), add_generation_prompt=True, tokenize=True)
         out.append(list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded))
     return out
 
@@ -67,29 +70,48 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_ids: set[
 
 
 @torch.no_grad()
-def mean_kl(student, teacher, prompts: list[list[int]], responses: list[list[int]]) -> float:
-    """Mean per-token KL(student || teacher) at T = 1 over the response tokens, teacher-forced."""
+def mean_kl(student, teacher, prompts: list[list[int]], responses: list[list[int]], batch: int = 16) -> float:
+    """Mean per-token KL(student || teacher) at T = 1 over the response tokens, teacher-forced (right-padded
+    batches; a padded teacher vocabulary is read over the student's columns)."""
     total, count = 0.0, 0
-    for prompt, response in zip(prompts, responses):
-        if not response:
-            continue
-        ids = torch.tensor([prompt + response])
-        P = len(prompt)
-        ls = torch.log_softmax(student(input_ids=ids).logits[0, P - 1:-1].float(), -1)
-        lt = torch.log_softmax(teacher(input_ids=ids).logits[0, P - 1:-1].float(), -1)
-        V = ls.shape[-1]
-        total += float((ls.exp() * (ls - lt[:, :V])).sum())
-        count += len(response)
+    pairs = [(p, r) for p, r in zip(prompts, responses) if r]
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        width = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attention = torch.zeros(len(chunk), width, dtype=torch.long)
+        scored = torch.zeros(len(chunk), width, dtype=torch.bool)     # positions that predict a response token
+        for i, (p, r) in enumerate(chunk):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            attention[i, :len(p) + len(r)] = 1
+            scored[i, len(p) - 1:len(p) + len(r) - 1] = True
+        ls = torch.log_softmax(student(input_ids=ids, attention_mask=attention).logits[scored].float(), -1)
+        lt = torch.log_softmax(teacher(input_ids=ids, attention_mask=attention).logits[scored].float(), -1)
+        total += float((ls.exp() * (ls - lt[:, :ls.shape[-1]])).sum())
+        count += int(scored.sum())
     return total / max(count, 1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def evaluate(student, teacher, tokenizer, prompts: list[list[int]], teacher_text: list[list[int]],
              teacher_answers: list[str], max_new_tokens: int, eos_ids: set[int], seed: int = 0) -> dict:
+    """kl, kl_teacher_text, agreement (module docstring), plus two finer views of agreement on the same greedy
+    answers: ``first_token_agreement`` (the answer starts with the teacher's token) and ``common_prefix`` (mean
+    number of leading tokens equal to the teacher's)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
     own = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=False, seed=seed)
     greedy = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=True)
     answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in greedy]
+    n = max(len(prompts), 1)
     return {"kl": mean_kl(student, teacher, prompts, own),
             "kl_teacher_text": mean_kl(student, teacher, prompts, teacher_text),
-            "agreement": sum(a == b for a, b in zip(answers, teacher_answers)) / max(len(prompts), 1),
+            "agreement": sum(a == b for a, b in zip(answers, teacher_answers)) / n,
+            "first_token_agreement": sum(g[:1] == t[:1] for g, t in zip(greedy, teacher_text)) / n,
+            "common_prefix": sum(_common_prefix(g, t) for g, t in zip(greedy, teacher_text)) / n,
             "examples": [{"student": a, "teacher": b} for a, b in list(zip(answers, teacher_answers))[:4]]}

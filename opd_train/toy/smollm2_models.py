@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -81,7 +82,8 @@ def _build(teacher_dir: str, student_dir: str, layers: list[int]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     source = gguf_dir()
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    with contextlib.redirect_stderr(io.StringIO()):   # the GGUF reader's own progress bar (not transformers')
+        loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     config = LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k not in ("architectures",)})
     config.architectures = ["LlamaForCausalLM"]

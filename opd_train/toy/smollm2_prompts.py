@@ -34,6 +34,16 @@ TEMPLATES = [
 ]
 
 
+# The system turn of every prompt (teacher, student, training and evaluation alike). SmolLM2's template would
+# otherwise insert its own 20-token default; this one is shorter and asks for the short answers a 16-token
+# response budget can hold.
+SYSTEM = "Answer briefly."
+
+
+def messages(prompt: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+
+
 def held_out(prompt: str) -> bool:
     return hashlib.sha256(prompt.encode()).digest()[0] < 52          # ~20%
 
@@ -56,5 +66,5 @@ def write_prompt_file(path: str, prompts: list[str]) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         for p in prompts:
-            f.write(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n")
+            f.write(json.dumps({"messages": messages(p)}) + "\n")
     return path

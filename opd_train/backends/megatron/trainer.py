@@ -113,15 +113,19 @@ class MegatronTrainer:
     def load_teacher(self, directory: str, step: int | None = None, *, offload: bool = False) -> None:
         """Load the Megatron teacher (torch_dist checkpoint dir, or a HF dir) as its own frozen model.
 
-        It may differ from the student in size and architecture but must share the vocabulary (and, when both
-        directories carry a tokenizer.json, the same vocabulary mapping). The student's live weights are not
-        touched. ``step`` picks the checkpoint iteration (``--opd-teacher-ckpt-step``; default: the latest).
+        It may differ from the student in size and architecture but must share the tokenizer (checked by
+        ``hf.teacher_mismatch``); its embedding may be padded beyond the student's (Qwen's 151936 / 152064 rows:
+        the ops read its logits over the student's columns), except under tensor parallelism, where the shards of
+        the two vocabularies would not line up. The student's live weights are not touched. ``step`` picks the
+        checkpoint iteration (``--opd-teacher-ckpt-step``; default: the latest).
         """
         with cpu_compat():
             arch, kind = arch_of_dir(directory, step)
-            if arch.vocab_size != self.actor.arch.vocab_size:
-                raise ValueError(f"teacher vocab_size={arch.vocab_size} differs from the student's "
-                                 f"{self.actor.arch.vocab_size}; OPD needs a shared vocabulary")
+            student_vocab = self.actor.arch.vocab_size
+            if arch.vocab_size < student_vocab or (arch.vocab_size != student_vocab and self.ctx.tp_size > 1):
+                why = ("OPD needs the student's vocabulary" if arch.vocab_size < student_vocab else
+                       "a padded teacher vocabulary is supported without tensor parallelism only")
+                raise ValueError(f"teacher vocab_size={arch.vocab_size} vs the student's {student_vocab}: {why}")
             engine = ModelEngine(arch, self.ctx, dtype=self.settings.precision.dtype, name="teacher")
             if kind == "checkpoint":
                 engine.load_model_checkpoint(directory, step)

@@ -261,8 +261,8 @@ def fused_forward(spec: dict, out: str) -> dict:
         pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
         # every response token (padding of the [B, T] layout aside): the loss mask applies later, in the loss
         adv, kl = apply_opd(pad(base), pad(unfused_student), pad(fused.teacher_logprobs), coef=0.6, kl=estimator)
-        res[estimator] = {"ops": dict(ops), "fused": vars(fused), "rows": vars(rows), "unfused_student": unfused_student,
-                          "unfused_advantages": adv, "unfused_kl": kl}
+        res[estimator] = {"ops": dict(ops), "fused": vars(fused), "rows": vars(rows),
+                          "unfused_student": unfused_student, "unfused_advantages": adv, "unfused_kl": kl}
         del megatron, sglang
     return res
 
@@ -344,4 +344,51 @@ def critic(spec: dict, out: str) -> dict:
     res["bf16_dtype"] = str(next(iter(w1.values())).dtype)
     res["bf16_changed"] = sum(not torch.equal(w0[k], w1[k]) for k in w0) / len(w0)
     res["bf16_logprobs"] = fb.logprobs
+    return res
+
+
+# ---- real vocabulary sizes ------------------------------------------------------------------------------------
+BIG_VOCABS = {"v49152": ("big_49152", "big_teacher_49152"),           # SmolLM2 / Llama-family tokenizers
+              "v151936": ("big_151936", "big_teacher_152064")}         # Qwen: a 151936-row student, 152064 teacher
+
+
+def big_vocab(spec: dict, out: str) -> dict:
+    """The trainer's fused paths at real vocabulary sizes: the Megatron teacher's exact KL (V = 49152; V = 151936
+    with a teacher padded to 152064, as Qwen's 7B / 14B embeddings are) and an SGLang teacher's top-K rows, through
+    forward (opd_kernels.opd_advantages) and train steps (reverse_kl / topk_kl in the loss), against the float64
+    KL of the HF models' logits."""
+    import transformers
+
+    from opd_kernels.ops.reverse_kl import reverse_kl_reference
+    res = {}
+    for name, (student, teacher) in BIG_VOCABS.items():
+        batch = make_batch(61, 3, min_len=10, max_len=18)
+        zeros = [torch.zeros(r) for r in batch.response_lengths]
+        settings = dict(model=ModelSource(hf_path=spec["hf"][student]), optimizer=OptimizerSettings(lr=3e-3),
+                        batching=BatchingSettings(max_tokens_per_microbatch=32))
+        trainer = MegatronTrainer(TrainerSettings(**settings, teacher=TeacherSettings(load=spec["hf"][teacher]),
+                                                  opd=EXACT))
+        f = trainer.forward(batch, advantages=zeros)
+        hs = transformers.AutoModelForCausalLM.from_pretrained(spec["hf"][student], dtype=torch.float32)
+        ht = transformers.AutoModelForCausalLM.from_pretrained(spec["hf"][teacher], dtype=torch.float32)
+        exact, ids, lps, tlp = [], [], [], []
+        with torch.no_grad():
+            for toks, r in zip(batch.tokens, batch.response_lengths):
+                span = slice(len(toks) - r - 1, len(toks) - 1)
+                ls, lt = hs(torch.tensor([toks])).logits[0, span], ht(torch.tensor([toks])).logits[0, span]
+                exact.append(reverse_kl_reference(ls.double(), lt[:, :ls.shape[-1]].double()).float())
+                t_lp = torch.log_softmax(lt[:, :ls.shape[-1]].double(), -1)
+                vals, top = t_lp.topk(32, -1)
+                ids.append(top)
+                lps.append(vals.float())
+                tlp.append(t_lp[torch.arange(r), torch.tensor(toks[len(toks) - r:])].float())
+        kls = [trainer.train_step(batch, zeros, f.logprobs)["opd_kl"] for _ in range(4)]
+        rows = TeacherRows(logprobs=tlp, topk_ids=ids, topk_logprobs=lps)
+        sglang = MegatronTrainer(TrainerSettings(**settings, opd=EXACT))
+        f_rows = sglang.forward(batch, advantages=zeros, teacher=rows)
+        rows_kls = [sglang.train_step(batch, zeros, f_rows.logprobs, teacher=rows)["opd_kl"] for _ in range(4)]
+        res[name] = {"vocab": hs.config.vocab_size, "teacher_vocab": ht.config.vocab_size,
+                     "forward_kl": f.opd_kl, "exact": exact, "train_kl": kls, "topk_forward_kl": f_rows.opd_kl,
+                     "topk_train_kl": rows_kls, "loss_masks": batch.loss_masks}
+        del trainer, sglang, hs, ht
     return res

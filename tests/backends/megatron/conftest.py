@@ -8,7 +8,7 @@ The tests read the workers' result files and assert. Tiny random HF models are b
 from __future__ import annotations
 
 import pytest
-from mg_helpers import hf_model, run_worker
+from mg_helpers import hf_model, run_worker, write_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +25,18 @@ def hf_models(tmp_path_factory):
         "teacher_b": ("llama", 6, dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                                        num_attention_heads=6, num_key_value_heads=3)),
         "bad_vocab": ("qwen3", 7, {"vocab_size": 128}),
+        # Real vocabulary sizes (the big_vocab scenario): SmolLM2's, and Qwen's with a padded teacher embedding.
+        "big_49152": ("llama", 8, {"vocab_size": 49152, "tie_word_embeddings": True}),
+        "big_teacher_49152": ("llama", 9, {"vocab_size": 49152, "tie_word_embeddings": True}),
+        "big_151936": ("qwen3", 10, {"vocab_size": 151936}),
+        "big_teacher_152064": ("qwen3", 11, {"vocab_size": 152064}),
     }
-    return {name: hf_model(fam, str(root / name), seed, **kw) for name, (fam, seed, kw) in specs.items()}
+    models = {name: hf_model(fam, str(root / name), seed, **kw) for name, (fam, seed, kw) in specs.items()}
+    pairs = (("big_49152", "big_teacher_49152", 49152), ("big_151936", "big_teacher_152064", 151665))
+    for student, teacher, n in pairs:
+        for name in (student, teacher):         # one tokenizer per pair (the padded teacher is checked against it)
+            write_tokenizer(models[name], n)
+    return models
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,15 @@ def hf_model(family: str, directory: str, seed: int, **overrides):
     return directory
 
 
+def write_tokenizer(directory: str, n_tokens: int) -> None:
+    """A tokenizer.json of ``n_tokens`` word-level tokens (ids 0..n-1), for the tokenizer-equality check of
+    padded teacher vocabularies; a vocabulary of the model's size or smaller (Qwen: 151665 ids, 151936 rows)."""
+    vocab = {f"t{i}": i for i in range(n_tokens)}
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        json.dump({"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+                   "added_tokens": []}, f)
+
+
 def run_worker(out_dir: str, spec: dict, scenarios: list[str], *, world: int = 1, timeout: int = 420,
                expect_killed: bool = False) -> int:
     """Run ``_worker.py`` scenarios in a fresh process group; returns the exit code."""

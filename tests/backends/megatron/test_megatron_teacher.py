@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mg_helpers import hf_logprobs, load_result
+from mg_helpers import hf_logprobs, load_result, run_worker
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,25 @@ def test_bf16_training_step(critic):
     assert critic["bf16_changed"] > 0.5
     # bf16 log-probs stay close to the fp32 ones of the same weights.
     assert max((a - b).abs().max().item() for a, b in zip(critic["bf16_logprobs"], critic["logprobs"])) < 0.1
+
+
+@pytest.fixture(scope="module")
+def big(hf_models, mg_out):
+    run_worker(mg_out, {"hf": hf_models}, ["big_vocab"])
+    return load_result(mg_out, "big_vocab")
+
+
+@pytest.mark.parametrize("name", ["v49152", "v151936"])
+def test_real_vocabulary_sizes_through_the_fused_training_paths(big, name):
+    """V = 49152 and V = 151936 (its teacher padded to 152064): the trainer's fused forward equals the float64 KL
+    of the HF models over the student's columns, the exact-KL and the top-K train steps lower their KL, and the
+    top-32 + tail KL is a lower bound of the exact one."""
+    r = big[name]
+    assert r["vocab"] == int(name[1:]) and r["teacher_vocab"] >= r["vocab"]
+    for got, want, mask in zip(r["forward_kl"], r["exact"], r["loss_masks"]):
+        keep = torch.tensor(mask, dtype=torch.bool)
+        assert _max_diff([got[keep]], [want[keep]]) <= 2e-4 * max(1.0, float(want.abs().max()))
+    assert r["train_kl"][-1] < 0.9 * r["train_kl"][0], r["train_kl"]
+    assert r["topk_train_kl"][-1] < 0.9 * r["topk_train_kl"][0], r["topk_train_kl"]
+    for topk, exact in zip(r["topk_forward_kl"], r["forward_kl"]):
+        assert bool((topk <= exact + 1e-4).all())
