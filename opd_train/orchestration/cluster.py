@@ -46,6 +46,10 @@ def _init(ray, cluster: ClusterConfig, env: dict, min_cpus: int, verbose: bool) 
     if cluster.ray_address:
         ray.init(address=cluster.ray_address, runtime_env=env, log_to_driver=verbose, configure_logging=verbose)
     else:
+        # A signal sent to the terminal's process group (`timeout`, a closed terminal) also ends the local cluster's
+        # GCS; the driver's clean stop (checkpoint, actors) does not need it, but Ray's core worker then waits 60 s
+        # for it at exit. On one machine a GCS gone for 5 s is gone.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
         cpus = cluster.num_cpus or max(os.cpu_count() or 1, min_cpus)
         ray.init(num_cpus=max(cpus, min_cpus), num_gpus=None if _has_cuda() else 0, include_dashboard=False,
                  runtime_env=env, log_to_driver=verbose, configure_logging=verbose)

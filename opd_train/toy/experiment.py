@@ -110,11 +110,20 @@ def _with_paths(values: dict, *, hf: str | None, train: str | None, evals: str |
     return values
 
 
-def _convert_teacher(hf_dir: str) -> str:
-    """The teacher as a torch_dist checkpoint (Megatron mode), converted once next to the cached HF dir."""
+def _convert_teacher(hf_dir: str, log_path: str | None) -> str:
+    """The teacher as a torch_dist checkpoint (Megatron mode), converted once next to the cached HF dir; the
+    converter's output (Megatron's notices) goes to ``log_path`` unless that is None (--verbose)."""
     out = hf_dir + "-torch_dist"
     if not os.path.isfile(os.path.join(out, "latest_checkpointed_iteration.txt")):
-        subprocess.run([sys.executable, "-m", "opd_train.cli", "convert", "hf2dist", hf_dir, out], check=True)
+        command = [sys.executable, "-m", "opd_train.cli", "convert", "hf2dist", hf_dir, out]
+        if log_path is None:
+            subprocess.run(command, check=True)
+        else:
+            with open(log_path, "a") as log:
+                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+            if done.returncode:
+                raise RuntimeError(f"converting the teacher failed (exit {done.returncode}); see {log_path}")
+        print(f"[experiment] teacher converted to torch_dist: {out}", flush=True)
     return out
 
 
@@ -144,7 +153,8 @@ def run_experiment(user: dict) -> dict:
     train_file, eval_file = task.write_task_files(os.path.join(out, "data"), train_prompts=plan_.train_prompts,
                                                   eval_prompts=plan_.eval_prompts, seed=0)
     megatron = any(v.get("use_opd") and v.get("opd_type") == "megatron" for _, v in table.values())
-    teacher_dist = _convert_teacher(teacher_dir) if megatron else None
+    convert_log = None if verbose else os.path.join(log_dir(out), "convert_teacher.log")
+    teacher_dist = _convert_teacher(teacher_dir, convert_log) if megatron else None
     teacher = launch_cpu_engine(teacher_dir, log_path=os.path.join(log_dir(out), "teacher_server.log"))
     started_ray = start_ray(build_config(user).cluster, min_cpus=4, output_dir=out, verbose=verbose)
     try:

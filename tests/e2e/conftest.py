@@ -48,7 +48,7 @@ def trained_toy(toy, tmp_path_factory):
 def teacher_dist(toy):
     """The teacher as a torch_dist checkpoint (via the `opd-train convert` command)."""
     from opd_train.toy.experiment import _convert_teacher
-    return _convert_teacher(toy["teacher"])
+    return _convert_teacher(toy["teacher"], None)
 
 
 @pytest.fixture(scope="session")

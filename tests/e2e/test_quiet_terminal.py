@@ -21,11 +21,13 @@ NOISE = ("Warning", "warning:", "DEPRECATED", "deprecated", "Token authenticatio
          "Writing model shards", "Loading weights", "Traceback")
 
 
-def test_default_run_terminal_is_quiet(tmp_path):
+@pytest.mark.parametrize("teacher", ["sglang", "megatron"])
+def test_default_run_terminal_is_quiet(tmp_path, teacher):
+    """Both teacher modes (Megatron mode also converts the teacher, a subprocess with its own notices)."""
     out = tmp_path / "run"
     proc = subprocess.run([EXE, "--experiment-fast", "--no-experiment-baseline", "--output-dir", str(out),
-                           "--experiment-cache-dir", str(tmp_path / "cache")], capture_output=True, text=True,
-                          timeout=540, env={**os.environ, "PYTHONWARNINGS": "default"})
+                           "--experiment-cache-dir", str(tmp_path / "cache"), "--opd-type", teacher],
+                          capture_output=True, text=True, timeout=540)
     terminal = proc.stdout + proc.stderr
     assert proc.returncode == 0, terminal[-3000:]
     noisy = [line for line in terminal.splitlines() if any(n in line for n in NOISE)]
