@@ -72,12 +72,7 @@ def write_results(out: str, *, teacher_acc: float, teacher_meta: dict, student_m
                  for name, (_, values) in runs.items()},
         "sft": {"teacher": teacher_meta, "student": student_meta},
     }
-    tmp = os.path.join(out, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out, "results.json"))
-    plot_curves("", os.path.join(out, "curves.png"),
-                runs={label: os.path.join(v["output_dir"], "metrics.jsonl") for label, v in runs.values()})
+    save_summary(out, summary, runs)
     print(f"\n{table}\n")
     for r in per_run.values():
         drop = r["max_drop_below_start"] * 100
@@ -85,3 +80,13 @@ def write_results(out: str, *, teacher_acc: float, teacher_meta: dict, student_m
         print(f"{r['label']}: lowest evaluation {r['lowest_eval']:.1%} ({where})")
     print(f"total {seconds:.0f} s; results: {os.path.join(out, 'results.json')}", flush=True)
     return summary
+
+
+def save_summary(out: str, summary: dict, runs: dict[str, tuple[str, dict]]) -> None:
+    """``OUTPUT_DIR/results.json`` (written atomically) and ``curves.png`` with every run's metrics."""
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    plot_curves("", os.path.join(out, "curves.png"),
+                runs={label: os.path.join(v["output_dir"], "metrics.jsonl") for label, v in runs.values()})

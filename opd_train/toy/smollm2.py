@@ -15,14 +15,14 @@ Before and after, on held-out prompts (:mod:`.smollm2_eval`): ``kl``,
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from ..config import build_config, validate
-from ..observability import log_dir, plot_curves, quiet_driver
+from ..observability import log_dir, quiet_driver
 from ..orchestration.cluster import start_ray
 from . import smollm2_eval, smollm2_prompts
+from .report import save_summary
 from .smollm2_models import build_models, quiet_hf
 
 DROPPED = range(18, 24)                   # the layers the student loses (see the module docstring)
@@ -168,12 +168,7 @@ def _write(out: str, results: dict, runs: dict, before: dict, keep: int, phases:
                "total_seconds": round(time.perf_counter() - phases.start, 1),
                "settings": {name: {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool))}
                             for name, (_, values) in runs.items()}}
-    tmp = os.path.join(out, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out, "results.json"))
-    plot_curves("", os.path.join(out, "curves.png"),
-                runs={label: os.path.join(values["output_dir"], "metrics.jsonl") for label, values in runs.values()})
+    save_summary(out, summary, runs)
     lines = ["| run | kl (own samples) | kl_teacher_text | agreement | first-token agreement | common prefix |",
              "|---|---|---|---|---|---|"]
     for r in results.values():
