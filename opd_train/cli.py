@@ -39,7 +39,6 @@ def convert_parser(slime_form: bool) -> argparse.ArgumentParser:
     """``opd-train convert hf2dist|dist2hf SRC DST``, or slime's ``convert_hf_to_torch_dist.py`` form:
     ``[MODEL_ARGS] --hf-checkpoint SRC --save DST`` / ``--load SRC --hf-save DST`` (MODEL_ARGS are checked against
     the HF config; the architecture itself is read from it)."""
-    from .config import slime
     p = argparse.ArgumentParser(prog="opd-train convert",
                                 description="Convert between HF safetensors and Megatron torch_dist checkpoints.")
     if slime_form:
@@ -63,7 +62,6 @@ def convert_parser(slime_form: bool) -> argparse.ArgumentParser:
 
 def convert_main(argv: list[str]) -> int:
     """Both forms of the converter; ``tools/convert_hf_to_torch_dist.py`` is this function."""
-    from .config import slime
     slime_form = not argv or argv[0] not in ("hf2dist", "dist2hf", "-h", "--help")
     parser = convert_parser(slime_form)
     ns = parser.parse_args(argv)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import contextlib
 import os
 import time
 from contextlib import contextmanager
@@ -42,13 +41,18 @@ def redirect_output(path: str | None) -> None:
     import sys
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    _point(path, 1, 2)
+
+
+def _point(path: str, *fds: int) -> None:
+    """Make the file descriptors ``fds`` write to ``path`` (appended)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
+    for target in fds:
+        os.dup2(fd, target)
     os.close(fd)
 
 
-@contextlib.contextmanager
+@contextmanager
 def stderr_to(path: str | None):
     """File descriptor 2 goes to ``path`` (appended) inside the block, then back; None: unchanged. For libraries
     that print from C++ straight to the terminal (Ray's "Token authentication is enabled" notice at ray.init)."""
@@ -57,9 +61,8 @@ def stderr_to(path: str | None):
         return
     import sys
     sys.stderr.flush()
-    saved, fd = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
+    saved = os.dup(2)
+    _point(path, 2)
     try:
         yield
     finally:

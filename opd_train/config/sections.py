@@ -202,7 +202,8 @@ class ExperimentConfig:
     experiment: str = opt("addition", "which: addition (the toy task: tiny SFT models, three runs and a table) or "
                                       "smollm2 (prune SmolLM2-135M-Instruct and heal it by OPD, both teacher modes)",
                           choices=("addition", "smollm2"))
-    experiment_cache_dir: str = opt("~/.cache/opd-train/toy", "where the models are cached (smollm2: in its smollm2/ folder)")
+    experiment_cache_dir: str = opt("~/.cache/opd-train/toy", "where the models are cached (smollm2: in its "
+                                                              "smollm2/ folder)")
     experiment_baseline: bool = opt(True, "also run reward-only GRPO with the same budget (--no-experiment-"
                                           "baseline skips it)")
     experiment_baseline_lr: float = opt(3e-4, "learning rate of the GRPO baseline (its best stable value)")

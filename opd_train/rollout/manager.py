@@ -112,13 +112,13 @@ class RolloutManager:
         self.tokenizer = load_tokenizer(hf_dir)
         self._fns: dict[str, Callable] = {}
 
-    def _redirect(self, log_dir: str | None) -> str | None:
+    def _redirect(self, log_dir: str | None) -> None:
+        """This actor's output (and, at start, the engine actors') to ``LOG_DIR/rollout.log`` when quiet."""
         import os
 
         from ..observability import redirect_output
-        path = os.path.join(log_dir, "rollout.log") if self.quiet and log_dir else None
-        redirect_output(path)
-        return path
+        self.output_log = os.path.join(log_dir, "rollout.log") if self.quiet and log_dir else None
+        redirect_output(self.output_log)
 
     def _fn(self, path: str | None) -> Callable | None:
         if path is None:
@@ -142,8 +142,7 @@ class RolloutManager:
         from .engines import SGLangEngine
         gpus = self.cfg.rollout_num_gpus_per_engine if self.engine_kind == "sglang" else 0
         remote = ray.remote(EngineServer).options(num_cpus=0, num_gpus=gpus)
-        self.servers = [remote.remote(os.path.join(self.log_dir, "rollout.log") if self.quiet and self.log_dir else None)
-                        for _ in range(self.cfg.rollout_num_engines)]
+        self.servers = [remote.remote(self.output_log) for _ in range(self.cfg.rollout_num_engines)]
         urls = await asyncio.gather(*(
             server.launch.remote(self.engine_kind, self.hf_dir, self.cfg, self.host, self.engine_threads,
                                  os.path.join(self.log_dir, f"engine{i}.log") if self.log_dir else None)

@@ -11,6 +11,7 @@ more slowly at these sizes), AdamW with a short warmup and grad clip 1.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -175,11 +176,18 @@ def build_sft_model(settings: SFTSettings, cache_dir: str, name: str, *, eval_pa
 
 def _save_quietly(model, directory: str) -> None:
     """save_pretrained without its "Writing model shards" progress bar (the experiment's terminal has its own)."""
+    with hf_progress_bars_off():
+        model.save_pretrained(directory, safe_serialization=True)
+
+
+@contextlib.contextmanager
+def hf_progress_bars_off():
+    """transformers' progress bars off inside the block, then as they were."""
     from transformers.utils import logging as hf_logging
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(directory, safe_serialization=True)
+        yield
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 
+from .models import hf_progress_bars_off
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_LAYERS = 30
 
@@ -35,15 +37,13 @@ def gguf_dir() -> str:
 def quiet_hf():
     """transformers without its progress bars and notices (the experiment reports its own phases)."""
     from transformers.utils import logging as hf_logging
-    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with hf_progress_bars_off():
+            yield
     finally:
         hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _save(model, tokenizer, final: str, meta: dict) -> str:
