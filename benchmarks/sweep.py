@@ -50,6 +50,7 @@ class SweepConfig:
     note: str = ""
     threads: int | None = None
     argv: tuple[str, ...] = ()
+    fused_linear: bool = False         # then run bench_fused_linear (output layer + loss, chunked over tokens)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -92,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice, all cores)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--note", default="", help="text for the report's Note section (e.g. why a target is missed)")
+    p.add_argument("--no-fused-linear", action="store_true",
+                   help="skip the fused output layer + loss benchmark (bench_fused_linear.py) that follows the sweep "
+                        "(it is skipped anyway when --ops is given)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); "
@@ -118,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     policy = common.QUICK_POLICY if a.quick else TimingPolicy(warmup=1, min_reps=3, max_reps=30, target_s=0.4)
     return SweepConfig(device, Ts, Vs, tuple(dict.fromkeys(dtypes)), ops,
                        tuple(dict.fromkeys(backends)), policy, a.quick, stem, a.check_rows, a.seed,
-                       not a.no_plot, a.note, a.threads, tuple(sys.argv[1:] if argv is None else argv))
+                       not a.no_plot, a.note, a.threads, tuple(sys.argv[1:] if argv is None else argv),
+                       fused_linear=not a.no_fused_linear and a.ops is None)
 
 
 # ------------------------------------------------------------------------------------------------ one case
@@ -318,4 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_outputs(record, cfg.out_stem, cfg.plot):
         print(path)
     failed = [r for r in record["rows"] if r["status"] == "error" or r.get("check") == "FAIL"]
+    if cfg.fused_linear:
+        from . import bench_fused_linear
+        fl = bench_fused_linear.run(cfg.quick, cfg.device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        stem = cfg.out_stem.parent / f"fused-linear-{cfg.out_stem.name}"
+        for path in bench_fused_linear.write(fl, stem):
+            print(path)
     return 1 if failed else 0

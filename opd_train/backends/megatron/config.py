@@ -132,11 +132,22 @@ class BatchingSettings:
 
     max_tokens_per_microbatch: token budget of one packed micro-batch (a sample longer than the budget gets a
     micro-batch of its own). The attention cost on CPU is O(budget^2) per head, so keep it modest there.
+    fused_output_layer: True (default): the models return their final hidden states and the log-probs, entropy and
+    KL come from ``opd_kernels.fused_linear_logprobs`` / ``fused_linear_opd_advantages`` (output layer + loss
+    chunked over tokens: no [S, V] logits). False: the materialised path (Megatron's output layer, [S, V / TP]
+    logits, then the row ops); same results, kept for comparison and debugging.
+    fused_linear_chunk_tokens: token rows per chunk of the fused path; None = the op's default budget (the most
+    rows with rows * V / TP * 4 bytes <= 64 MiB).
     """
     max_tokens_per_microbatch: int = 4096
+    fused_output_layer: bool = True
+    fused_linear_chunk_tokens: int | None = None
 
     def __post_init__(self):
         _positive_int(self.max_tokens_per_microbatch, "BatchingSettings.max_tokens_per_microbatch")
+        _require(isinstance(self.fused_output_layer, bool), "BatchingSettings.fused_output_layer must be a bool")
+        if self.fused_linear_chunk_tokens is not None:
+            _positive_int(self.fused_linear_chunk_tokens, "BatchingSettings.fused_linear_chunk_tokens")
 
 
 @dataclass(frozen=True)

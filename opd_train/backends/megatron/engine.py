@@ -17,7 +17,7 @@ from .config import ModelSource, OptimizerSettings
 from .convert import expected_hf_names, gather_weights, hf_tensors_from_mcore, load_weights, mcore_tensor_from_hf
 from .dist import ParallelContext
 from .hf_io import HFWeights
-from .model import DTYPES, build_gpt, unwrap
+from .model import DTYPES, build_gpt, final_hidden_states, unwrap
 
 VALUE_HEAD_PREFIX = "output_layer."   # critic: the value head replaces the LM output layer
 
@@ -225,6 +225,19 @@ class ModelEngine:
     def __call__(self, mb):
         """Logits [1, S, V/TP] (critic: values [1, S, 1]) of one packed micro-batch."""
         return self.model(mb.input_ids, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params)
+
+    def hidden(self, mb):
+        """The final hidden states [1, S, d] (after the final norm; the output layer is not applied)."""
+        return self.model(mb.input_ids, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params,
+                          output_processor=final_hidden_states)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's weight [V / TP, d] (this rank's vocabulary shard): the embedding when tied."""
+        module = unwrap(self.model)
+        if module.share_embeddings_and_output_weights:
+            return module.shared_embedding_or_output_weight()
+        return module.output_layer.weight
 
     @property
     def step_module(self):

@@ -112,6 +112,13 @@ def build_gpt(arch: ModelArch, *, tensor_parallel: int, dtype: str = "fp32", val
     return model
 
 
+def final_hidden_states(hidden_states, **_):
+    """GPTModel ``output_processor``: return the decoder's final hidden states [S, B, d] (the final norm is applied
+    by the decoder) as [B, S, d] instead of the logits; the trainer applies the output layer fused with the loss
+    (``opd_kernels.fused_linear_logprobs``), chunked over tokens."""
+    return hidden_states.transpose(0, 1)
+
+
 def unwrap(model):
     """The GPTModel inside a Megatron DDP wrapper (or the model itself)."""
     while hasattr(model, "module"):

@@ -11,7 +11,9 @@ In the loss modes (``OPDSettings.estimator is None``) advantage_coef is 0: the f
 metric) and the log-probs, and the train step adds ``loss_coef * reduce(KL_t)``, differentiated through
 ``reverse_kl`` (Megatron teacher) or ``topk_kl`` (SGLang teacher).
 
-Everything takes this rank's vocabulary shard [1, S, V/TP] and the TP group: logits are never gathered.
+Everything takes this rank's vocabulary shard [1, S, V/TP] and the TP group: logits are never gathered. The fused
+path (``BatchingSettings.fused_output_layer``, the default) starts from the final hidden states and the output
+weight instead (``forward_rows_fused``, ``kl_teacher``): logits exist one chunk of rows at a time.
 """
 from __future__ import annotations
 
@@ -93,6 +95,40 @@ def forward_rows(mb: MicroBatch, logits: torch.Tensor, teacher_logits: torch.Ten
                                      coef=opd.advantage_coef, mask=scoring, **source, **kw)
     return {"logprobs": out.student_logprobs, "advantages": out.advantages, "opd_kl": out.kl,
             "teacher_logprobs": torch.where(scoring, teacher_logprobs, torch.zeros_like(teacher_logprobs))}
+
+
+def forward_rows_fused(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor, teacher, opd: OPDSettings, *,
+                       temperature: float, tp_group, tp_size: int, chunk: int | None) -> dict[str, torch.Tensor]:
+    """:func:`forward_rows` from the final hidden states [1, S, d] and the output weight [V / TP, d], one chunk of
+    rows at a time (no [S, V] logits). ``teacher``: the Megatron teacher's (hidden [1, S, d_t], weight), or None
+    (an SGLang teacher's rows in ``mb.extras``)."""
+    kw = dict(temperature=temperature, process_group=_group(tp_group, tp_size), chunk_size=chunk)
+    source = None
+    if teacher is not None:
+        t_hidden, t_weight = teacher[0][0], teacher[1]
+        teacher_logprobs = opd_kernels.fused_linear_logprobs(t_hidden, t_weight, mb.targets, ignore_index=IGNORE_INDEX,
+                                                             **kw).logp
+        if opd.estimator is None:
+            source = opd_kernels.LinearTeacher(t_hidden, t_weight)
+    else:
+        teacher_logprobs = mb.extras["teacher_logprobs"]
+        if opd.estimator is None:
+            source = opd_kernels.TopKTeacher(mb.extras["topk_ids"], mb.extras["topk_logprobs"])
+    kind = opd.estimator or ("full" if teacher is not None else "topk")
+    scoring = mb.targets != IGNORE_INDEX
+    out = opd_kernels.fused_linear_opd_advantages(hidden[0], weight, mb.targets, mb.extras["adv_rows"], kl=kind,
+                                                  coef=opd.advantage_coef, mask=scoring, teacher=source,
+                                                  teacher_logprobs=None if source else teacher_logprobs, **kw)
+    return {"logprobs": out.student_logprobs, "advantages": out.advantages, "opd_kl": out.kl,
+            "teacher_logprobs": torch.where(scoring, teacher_logprobs, torch.zeros_like(teacher_logprobs))}
+
+
+def kl_teacher(mb: MicroBatch, teacher) -> opd_kernels.LinearTeacher | opd_kernels.TopKTeacher:
+    """The KL loss's teacher for the fused path: the Megatron teacher's (hidden [1, S, d_t], weight), detached, or
+    (None) the SGLang teacher's top-K rows of the micro-batch."""
+    if teacher is not None:
+        return opd_kernels.LinearTeacher(teacher[0][0].detach(), teacher[1].detach())
+    return opd_kernels.TopKTeacher(mb.extras["topk_ids"], mb.extras["topk_logprobs"])
 
 
 def loss_kl(mb: MicroBatch, logits: torch.Tensor, teacher_logits: torch.Tensor | None, *, temperature: float,

@@ -23,7 +23,7 @@ from .cpu_compat import cpu_compat
 from .dist import ParallelContext, current_context
 from .engine import ModelEngine, arch_of_dir, arch_of_source
 from .hf_io import write_hf_dir
-from .model import DTYPES
+from .model import DTYPES, final_hidden_states
 from .opd import TeacherRows
 from .packing import MicroBatch, TrainBatch, pack_microbatches
 
@@ -174,9 +174,10 @@ class MegatronTrainer:
         ref: reference log-probs.
         values: critic values at the scoring rows. All at ``settings.temperature``.
         advantages: per-sample base advantages ([R_i] list or padded [B, R_max]): the OPD forward
-            (``settings.opd``, module ``opd``): per micro-batch ONE fused ``opd_kernels.opd_advantages`` call on the
-            student logits gives ``logprobs``, ``opd_kl`` and ``advantages`` = A - advantage_coef * KL_t, with the
-            Megatron teacher's logits of the same micro-batch or ``teacher`` (an SGLang teacher's rows).
+            (``settings.opd``, module ``opd``): per micro-batch (per chunk of its token rows on the fused output
+            layer path, ``BatchingSettings.fused_output_layer``) ONE fused ``opd_kernels.opd_advantages`` call on
+            the student logits gives ``logprobs``, ``opd_kl`` and ``advantages`` = A - advantage_coef * KL_t, with
+            the Megatron teacher's logits of the same rows or ``teacher`` (an SGLang teacher's rows).
         """
         self._check_forward_request(batch, actor, with_entropy, ref, values, advantages, teacher)
         with cpu_compat(), torch.no_grad():
@@ -208,27 +209,49 @@ class MegatronTrainer:
     def _kw(self) -> dict:
         return dict(temperature=self.temperature, tp_group=self.ctx.tp_group, tp_size=self.ctx.tp_size)
 
+    @property
+    def fused(self) -> bool:
+        """Output layer fused with the loss, chunked over tokens (BatchingSettings.fused_output_layer)."""
+        return self.settings.batching.fused_output_layer
+
+    def _fkw(self) -> dict:
+        return dict(self._kw(), chunk=self.settings.batching.fused_linear_chunk_tokens)
+
+    def _teacher_out(self, mb: MicroBatch):
+        """The Megatron teacher's (hidden [1, S, d_t], output weight) on the fused path, else its logits (no grad)."""
+        with torch.no_grad():
+            return (self.teacher.hidden(mb), self.teacher.output_weight) if self.fused else self.teacher(mb)
+
+    def _logprob_rows(self, engine: ModelEngine, mb: MicroBatch, with_entropy: bool = False) -> dict:
+        if self.fused:
+            out = scoring.fused_rows(engine.hidden(mb), engine.output_weight, mb, with_entropy=with_entropy,
+                                     **self._fkw())
+            return {"logprobs": out.logp, **({"entropy": out.entropy} if with_entropy else {})}
+        out = scoring.token_logprobs(engine(mb), mb, with_entropy=with_entropy, **self._kw())
+        return dict(zip(("logprobs", "entropy"), out)) if with_entropy else {"logprobs": out}
+
+    def _opd_rows(self, mb: MicroBatch) -> dict:
+        teacher = self._teacher_out(mb) if self.teacher is not None else None
+        if self.fused:
+            return opd.forward_rows_fused(mb, self.actor.hidden(mb), self.actor.output_weight, teacher,
+                                          self.settings.opd, **self._fkw())
+        return opd.forward_rows(mb, self.actor(mb), teacher, self.settings.opd, **self._kw())
+
     def _score(self, mb: MicroBatch, want: dict) -> dict[str, list[torch.Tensor]]:
         rows: dict[str, torch.Tensor] = {}
         if want["actor"]:
-            student = self.actor(mb)
-            if want["opd"]:
-                teacher_logits = self.teacher(mb) if self.teacher is not None else None
-                rows.update(opd.forward_rows(mb, student, teacher_logits, self.settings.opd, **self._kw()))
-                del teacher_logits
-            elif want["entropy"]:
-                rows["logprobs"], rows["entropy"] = scoring.token_logprobs(student, mb, with_entropy=True, **self._kw())
-            else:
-                rows["logprobs"] = scoring.token_logprobs(student, mb, **self._kw())
+            rows.update(self._opd_rows(mb) if want["opd"] else self._logprob_rows(self.actor, mb, want["entropy"]))
         if want["ref"]:
-            rows["ref_logprobs"] = scoring.token_logprobs(self.ref(mb), mb, **self._kw())
+            rows["ref_logprobs"] = self._logprob_rows(self.ref, mb)["logprobs"]
         if want["values"]:
             rows["values"] = scoring.values(self.critic(mb))
         return {k: mb.split_rows(v) for k, v in rows.items()}
 
     # ---- training ----------------------------------------------------------------------------------------
-    def _run_schedule(self, engine: ModelEngine, mbs: list[MicroBatch], loss_fn) -> list[dict]:
-        """Forward + backward of all micro-batches through Megatron's schedule (grad accumulation + DP sync)."""
+    def _run_schedule(self, engine: ModelEngine, mbs: list[MicroBatch], loss_fn, *, hidden: bool = False
+                      ) -> list[dict]:
+        """Forward + backward of all micro-batches through Megatron's schedule (grad accumulation + DP sync).
+        ``hidden``: the model returns its final hidden states [1, S, d] (the fused path) instead of its output."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
         engine.model.zero_grad_buffer()
         with warnings.catch_warnings():
@@ -245,7 +268,8 @@ class MegatronTrainer:
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb.input_ids, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params)
+            output = model(mb.input_ids, mb.position_ids, mb.attention_mask, packed_seq_params=mb.packed_seq_params,
+                           **({"output_processor": final_hidden_states} if hidden else {}))
             return output, partial(loss_and_copies, mb)
 
         return get_forward_backward_func()(
@@ -286,6 +310,9 @@ class MegatronTrainer:
         With ``settings.opd.loss_coef > 0`` the loss gains ``loss_coef * reduce(KL_t)`` (same reduction and
         normalisers as the policy loss; gradient through the fused kernel's backward): KL_t from the Megatron
         teacher's logits of the same micro-batch (exact), or from ``teacher`` (an SGLang teacher's top-K).
+        On the fused output layer path (the default) the model returns its final hidden states and ONE
+        ``opd_kernels.fused_linear_logprobs`` call per micro-batch gives the log-probs, entropy and KL from them
+        and the output weight (the teacher's hidden states and head for the exact KL), chunked over tokens.
         """
         if loss.ref_kl_coef and ref_logprobs is None:
             raise ValueError("LossSettings.ref_kl_coef > 0 needs ref_logprobs")
@@ -307,7 +334,8 @@ class MegatronTrainer:
             if megatron_teacher:
                 self.teacher.onload()
             try:
-                per_mb = self._run_schedule(self.actor, mbs, partial(self._actor_loss, loss, norm_kw, kl_loss))
+                per_mb = self._run_schedule(self.actor, mbs, partial(self._actor_loss, loss, norm_kw, kl_loss),
+                                            hidden=self.fused)
             finally:
                 if megatron_teacher and self.teacher_offload:
                     self.teacher.offload()
@@ -316,24 +344,33 @@ class MegatronTrainer:
         metrics["step"] = float(self.step)
         return metrics
 
+    def _actor_rows(self, mb: MicroBatch, output: torch.Tensor, kl_loss: bool):
+        """(logp, entropy, kl or None) [S] of the model output: final hidden states on the fused path (ONE chunked
+        pass gives all three), else logits."""
+        teacher = self._teacher_out(mb) if kl_loss and self.teacher is not None else None
+        if self.fused:
+            out = scoring.fused_rows(output, self.actor.output_weight, mb, with_entropy=True,
+                                     teacher=opd.kl_teacher(mb, teacher) if kl_loss else None, **self._fkw())
+            return out.logp, out.entropy, out.kl
+        logp, entropy = scoring.token_logprobs(output, mb, with_entropy=True, **self._kw())
+        return logp, entropy, opd.loss_kl(mb, output, teacher, **self._kw()) if kl_loss else None
+
     def _actor_loss(self, settings: LossSettings, norm_kw: dict, kl_loss: bool, mb: MicroBatch,
                     output: torch.Tensor):
-        loss, metrics = self._policy_loss(settings, norm_kw, mb, output)
+        logp, entropy, kl = self._actor_rows(mb, output, kl_loss)                           # [S] each
+        loss, metrics = self._policy_loss(settings, norm_kw, mb, logp, entropy)
         if not kl_loss:
             return loss, metrics
         from opd_train.algo import reduce_tokens
-        with torch.no_grad():
-            teacher_logits = self.teacher(mb) if self.teacher is not None else None
-        kl = opd.loss_kl(mb, output, teacher_logits, **self._kw())                          # [S]
         mask = mb.span_mask()
         kl_spans = mb.pad_spans(mb.split_rows(kl))
         total = loss + self.settings.opd.loss_coef * reduce_tokens(kl_spans, mask, settings.reduction, **norm_kw)
         opd_kl = (kl_spans.detach() * mask).sum() / mask.sum().clamp(min=1)
         return total, {**metrics, "loss": total.detach(), "opd_kl": opd_kl}
 
-    def _policy_loss(self, settings: LossSettings, norm_kw: dict, mb: MicroBatch, output: torch.Tensor):
+    def _policy_loss(self, settings: LossSettings, norm_kw: dict, mb: MicroBatch, logp: torch.Tensor,
+                     entropy: torch.Tensor):
         from opd_train.algo import policy_loss
-        logp, entropy = scoring.token_logprobs(output, mb, with_entropy=True, **self._kw())
         if settings.entropy_coef == 0:
             entropy = entropy.detach()                  # the metric only: no entropy term in the backward
         mask = mb.span_mask()

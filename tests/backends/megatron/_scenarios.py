@@ -238,8 +238,9 @@ def teacher(spec: dict, out: str) -> dict:
 
 
 def fused_forward(spec: dict, out: str) -> dict:
-    """The OPD forward dispatches opd_kernels' fused op once per micro-batch (a profiler trace) and equals the
-    unfused path: token_logprobs of both models, then algo.apply_opd."""
+    """The OPD forward dispatches opd_kernels' fused op once per chunk of token rows (a profiler trace; the default
+    chunk holds a whole micro-batch at V = 256, 16-row chunks split them) and equals the unfused path:
+    token_logprobs of both models, then algo.apply_opd."""
     from collections import Counter
 
     from opd_train.algo import apply_opd
@@ -264,7 +265,54 @@ def fused_forward(spec: dict, out: str) -> dict:
         res[estimator] = {"ops": dict(ops), "fused": vars(fused), "rows": vars(rows),
                           "unfused_student": unfused_student, "unfused_advantages": adv, "unfused_kl": kl}
         del megatron, sglang
+    # chunks of 16 token rows: the fused op runs once per chunk of each micro-batch, with the same results
+    chunked = MegatronTrainer(TrainerSettings(**{**settings, "batching": BatchingSettings(
+        max_tokens_per_microbatch=64, fused_linear_chunk_tokens=16)}, teacher=TeacherSettings(load=tdir),
+        opd=OPDSettings(estimator="k1", advantage_coef=0.6)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        res["chunked"] = vars(chunked.forward(batch, advantages=base))
+    res["chunked_ops"] = dict(Counter(e.name for e in prof.events() if e.name.startswith("opd_kernels::")))
+    res["chunks"] = sum(-(-mb.num_tokens // 16) for mb in pack_microbatches(batch, 64))
     return res
+
+
+def _fused_or_materialised(spec: dict, tp: int, fused: bool, chunk: int | None) -> dict:
+    """One trainer per path: the OPD forward (exact KL, Megatron teacher), then two train steps (entropy bonus +
+    exact-KL loss; token mean + the top-K KL of an SGLang-style teacher's rows)."""
+    batch = make_batch(71, 5)
+    zeros = [torch.zeros(r) for r in batch.response_lengths]
+    batching = BatchingSettings(max_tokens_per_microbatch=48, fused_output_layer=fused, fused_linear_chunk_tokens=chunk)
+    source = ModelSource(hf_path=spec["hf"]["qwen3_tied"])           # tied embeddings: the head IS the embedding
+    trainer = MegatronTrainer(TrainerSettings(
+        model=source, temperature=0.9, parallel=ParallelSettings(tensor_parallel=tp), batching=batching,
+        optimizer=OptimizerSettings(lr=1e-3, clip_grad=0.5), teacher=TeacherSettings(load=spec["hf"]["teacher_tp"]),
+        opd=OPDSettings(estimator=None, advantage_coef=0.0, loss_coef=0.7)))
+    f = trainer.forward(batch, advantages=zeros)
+    plain = trainer.forward(batch, with_entropy=True)
+    adv = per_sample_noise(list(range(5)), batch.response_lengths, 3)
+    m1 = trainer.train_step(batch, adv, f.logprobs, loss=LossSettings(entropy_coef=0.01))
+    ids = [torch.stack([torch.randperm(VOCAB, generator=torch.Generator().manual_seed(i * 100 + j))[:8]
+                        for j in range(r)]) for i, r in enumerate(batch.response_lengths)]
+    lps = [torch.log_softmax(torch.randn(r, 8, generator=torch.Generator().manual_seed(i)), -1) - 0.5
+           for i, r in enumerate(batch.response_lengths)]
+    rows = TeacherRows(logprobs=[torch.zeros(r) for r in batch.response_lengths], topk_ids=ids, topk_logprobs=lps)
+    trainer.teacher = None                     # the same trainer, now with an SGLang teacher's top-K rows
+    m2 = trainer.train_step(batch, adv, f.logprobs, teacher=rows, loss=LossSettings(reduction="token_mean"))
+    return {"forward": vars(f), "plain": vars(plain), "m1": m1, "m2": m2, "weights": trainer.actor_hf_tensors()}
+
+
+def fused_vs_materialised(spec: dict, out: str) -> dict | None:
+    """The fused output layer (default chunk; 7-row chunks) and the materialised logits path, same steps, same TP
+    (1 in the single-process launch, 2 in the 2-process one: per-rank files)."""
+    tp = dist.get_world_size()
+    if tp > 1:
+        init_distributed(rank=dist.get_rank(), world_size=tp, tensor_parallel=tp)
+    res = {name: _fused_or_materialised(spec, tp, fused, chunk)
+           for name, fused, chunk in (("materialised", False, None), ("fused", True, None), ("fused_7", True, 7))}
+    if tp == 1:
+        return res
+    torch.save(res, f"{out}/fused_vs_materialised_tp{tp}_rank{dist.get_rank()}.pt")
+    return None
 
 
 def kl_loss(spec: dict, out: str) -> dict:
@@ -355,8 +403,10 @@ BIG_VOCABS = {"v49152": ("big_49152", "big_teacher_49152"),           # SmolLM2 
 def big_vocab(spec: dict, out: str) -> dict:
     """The trainer's fused paths at real vocabulary sizes: the Megatron teacher's exact KL (V = 49152; V = 151936
     with a teacher padded to 152064, as Qwen's 7B / 14B embeddings are) and an SGLang teacher's top-K rows, through
-    forward (opd_kernels.opd_advantages) and train steps (reverse_kl / topk_kl in the loss), against the float64
-    KL of the HF models' logits."""
+    forward (opd_kernels.fused_linear_opd_advantages: chunked logits -> opd_advantages) and train steps
+    (fused_linear_logprobs: exact / top-K KL in the loss, from hidden states + heads; the default fused output
+    layer, whose chunk at V = 151936 is 110 rows, so micro-batches of 32 tokens are one chunk each), against the
+    float64 KL of the HF models' logits."""
     import transformers
 
     from opd_kernels.ops.reverse_kl import reverse_kl_reference

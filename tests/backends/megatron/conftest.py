@@ -25,6 +25,9 @@ def hf_models(tmp_path_factory):
         "teacher_b": ("llama", 6, dict(hidden_size=96, intermediate_size=160, num_hidden_layers=3,
                                        num_attention_heads=6, num_key_value_heads=3)),
         "bad_vocab": ("qwen3", 7, {"vocab_size": 128}),
+        # A teacher of another hidden size that TP=2 can shard (the fused output layer's TP test).
+        "teacher_tp": ("llama", 12, dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2)),
         # Real vocabulary sizes (the big_vocab scenario): SmolLM2's, and Qwen's with a padded teacher embedding.
         "big_49152": ("llama", 8, {"vocab_size": 49152, "tie_word_embeddings": True}),
         "big_teacher_49152": ("llama", 9, {"vocab_size": 49152, "tie_word_embeddings": True}),
@@ -48,14 +51,16 @@ def mg_out(tmp_path_factory):
 def single_run(hf_models, mg_out):
     """One single-process launch: conversion, packing, TP1/DP1 reference, uninterrupted run, teacher, critic..."""
     run_worker(mg_out, {"hf": hf_models},
-               ["convert", "packing", "parallel_ref", "resume_a", "teacher", "fused_forward", "kl_loss", "critic"])
+               ["convert", "packing", "parallel_ref", "resume_a", "teacher", "fused_forward", "kl_loss", "critic",
+                "fused_vs_materialised"])
     return mg_out
 
 
 @pytest.fixture(scope="session")
 def parallel_run(hf_models, mg_out, single_run):
-    """One 2-process launch: the same training steps with TP=2, then with DP=2."""
-    run_worker(mg_out, {"hf": hf_models}, ["parallel"], world=2)
+    """One 2-process launch: the same training steps with TP=2, then with DP=2; then the fused output layer vs the
+    materialised logits at TP=2."""
+    run_worker(mg_out, {"hf": hf_models}, ["parallel", "fused_vs_materialised"], world=2)
     return mg_out
 
 

@@ -67,10 +67,11 @@ def fused(single_run):
 
 @pytest.mark.parametrize("estimator", ["k1", "k3"])
 def test_the_opd_forward_runs_the_fused_op_and_equals_the_unfused_path(fused, estimator):
-    """The trainer's OPD forward dispatches opd_kernels::opd_sampled_fwd once per micro-batch (a profiler trace of
-    MegatronTrainer.forward, the call the driver makes), computes the student's log-probs with it (no separate
-    token_logprobs pass over the student: the one token_logprobs per micro-batch is the Megatron teacher's), and
-    equals token_logprobs of both models + algo.apply_opd; an SGLang teacher's rows give the same result."""
+    """The trainer's OPD forward dispatches opd_kernels::opd_sampled_fwd once per chunk of token rows (a profiler
+    trace of MegatronTrainer.forward, the call the driver makes; the fused output layer's default chunk holds a
+    whole micro-batch at V = 256, so once per micro-batch), computes the student's log-probs with it (no separate
+    token_logprobs pass over the student: the one token_logprobs per chunk is the Megatron teacher's), and equals
+    token_logprobs of both models + algo.apply_opd; an SGLang teacher's rows give the same result."""
     r, n_mbs = fused[estimator], fused["microbatches"]
     assert n_mbs > 1
     assert r["ops"].get("opd_kernels::opd_sampled_fwd") == n_mbs
@@ -84,6 +85,17 @@ def test_the_opd_forward_runs_the_fused_op_and_equals_the_unfused_path(fused, es
     assert _max_diff(f["advantages"], fused["base"]) > 1e-2                   # the penalty really is applied
     for key in ("logprobs", "advantages", "opd_kl", "teacher_logprobs"):
         assert _max_diff(r["rows"][key], f[key]) == 0.0
+
+
+def test_the_opd_forward_runs_once_per_chunk_with_the_same_results(fused):
+    """16-row chunks (BatchingSettings.fused_linear_chunk_tokens): opd_sampled_fwd and the teacher's token
+    log-probs run once per chunk of each micro-batch, and the results equal the one-chunk-per-micro-batch run."""
+    chunks = fused["chunks"]
+    assert chunks > 2 * fused["microbatches"]
+    assert fused["chunked_ops"].get("opd_kernels::opd_sampled_fwd") == chunks
+    assert fused["chunked_ops"].get("opd_kernels::token_logprobs_fwd") == chunks
+    for key in ("logprobs", "advantages", "opd_kl", "teacher_logprobs"):
+        assert _max_diff(fused["chunked"][key], fused["k1"]["fused"][key]) <= 1e-6, key
 
 
 @pytest.fixture(scope="module")
