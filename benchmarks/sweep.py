@@ -51,6 +51,7 @@ class SweepConfig:
     threads: int | None = None
     argv: tuple[str, ...] = ()
     fused_linear: bool = False         # then run bench_fused_linear (output layer + loss, chunked over tokens)
+    inplace: bool = False              # then run bench_inplace (inplace_backward=True, interleaved allocations)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -96,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     p.add_argument("--no-fused-linear", action="store_true",
                    help="skip the fused output layer + loss benchmark (bench_fused_linear.py) that follows the sweep "
                         "(it is skipped anyway when --ops is given)")
+    p.add_argument("--no-inplace", action="store_true",
+                   help="skip the in-place backward benchmark (bench_inplace.py) that follows the sweep (skipped "
+                        "anyway when --ops is given)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False); "
@@ -123,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     return SweepConfig(device, Ts, Vs, tuple(dict.fromkeys(dtypes)), ops,
                        tuple(dict.fromkeys(backends)), policy, a.quick, stem, a.check_rows, a.seed,
                        not a.no_plot, a.note, a.threads, tuple(sys.argv[1:] if argv is None else argv),
-                       fused_linear=not a.no_fused_linear and a.ops is None)
+                       fused_linear=not a.no_fused_linear and a.ops is None,
+                       inplace=not a.no_inplace and a.ops is None)
 
 
 # ------------------------------------------------------------------------------------------------ one case
@@ -328,5 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         fl = bench_fused_linear.run(cfg.quick, cfg.device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
         stem = cfg.out_stem.parent / f"fused-linear-{cfg.out_stem.name}"
         for path in bench_fused_linear.write(fl, stem):
+            print(path)
+    if cfg.inplace:
+        from . import bench_inplace
+        ip = bench_inplace.run(cfg.quick, cfg.device, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        ip["command"] = _command(cfg.argv)
+        failed += [r for r in ip["rows"] if r.get("check") == "FAIL"]
+        for path in bench_inplace.write(ip, cfg.out_stem.parent / f"inplace-{cfg.out_stem.name}"):
             print(path)
     return 1 if failed else 0

@@ -15,6 +15,13 @@ inline void check_rows(const at::Tensor& x, const char* name) {
               name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
 }
 
+// The in-place kernels write into the logits' own rows: they must not overlap (a broadcast row, stride 0, would be
+// written N times with different gradients).
+inline void check_writable_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.size(0) <= 1 || x.stride(0) >= x.size(1), name, " rows overlap (row stride ", x.stride(0),
+              " < V = ", x.size(1), "); the in-place kernels need distinct rows");
+}
+
 // The dtypes may differ (a bf16 teacher for an fp32 student): each row is read in its own dtype.
 inline void check_same_rows(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK(student.sizes() == teacher.sizes(), "student and teacher views differ in shape: ", student.sizes(),

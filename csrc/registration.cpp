@@ -21,6 +21,18 @@ TORCH_LIBRARY(opd_C, m) {
   // d KL / d student logits = grad_kl * p_S * (log p_S - log p_T - KL) * inv_temperature (GLOBAL scalars).
   m.def("kl_bwd(Tensor student, Tensor teacher, Tensor grad_kl, Tensor lse_s, Tensor lse_t, Tensor kl,"
         " float inv_temperature) -> Tensor");
+  // In-place forms (the logits buffer is overwritten with the gradient; its rows must not overlap). The _fwd_
+  // ones run the forward above and then write the gradient of the shard-local values, scaled per row by
+  // grad_logp / grad_kl (None = 1): with one shard, the exact gradient after one read of each row. The _bwd_
+  // ones write what logprob_bwd / kl_bwd return (GLOBAL scalars) into the logits instead of a new tensor.
+  m.def("logprob_fwd_inplace(Tensor(a!) logits, Tensor tokens, Tensor? grad_logp, float inv_temperature,"
+        " int vocab_start, int ignore_index, bool with_entropy) -> (Tensor logp, Tensor entropy, Tensor lse)");
+  m.def("logprob_bwd_inplace(Tensor(a!) logits, Tensor tokens, Tensor grad_logp, Tensor? grad_entropy, Tensor lse,"
+        " Tensor entropy, float inv_temperature, int vocab_start, int ignore_index) -> ()");
+  m.def("kl_fwd_inplace(Tensor(a!) student, Tensor teacher, Tensor? grad_kl, float inv_temperature)"
+        " -> (Tensor kl, Tensor lse_s, Tensor lse_t)");
+  m.def("kl_bwd_inplace(Tensor(a!) student, Tensor teacher, Tensor grad_kl, Tensor lse_s, Tensor lse_t, Tensor kl,"
+        " float inv_temperature) -> ()");
   // Optional fused OPD epilogues (whole vocabulary, vocab_start = 0): one launch for opd_advantages. Rows with
   // mask == false give kl = 0, logp = 0, advantages_out = advantages. kl_kind 1/2/3 = k1/k2/k3 of
   // d = logp - teacher_logp; opd_full_fwd uses the exact full-vocabulary KL. See opd_kernels/ops/README.md.

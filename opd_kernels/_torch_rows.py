@@ -140,3 +140,53 @@ def kl_bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature: float):
         # rows with a zero upstream gradient (masked rows) get exact zeros, even when their logits are NaN
         grad[rows] = torch.where(g_kl != 0, (g_kl * inv_temperature) * term, torch.zeros_like(term))
     return grad
+
+
+# In-place forms (the buffer x is overwritten with the gradient): chunk by chunk, so a chunk is re-read from cache
+# and the temporaries stay ~4 MiB (nothing of size [N, V] is allocated).
+def _ones(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float32, device=like.device)
+
+
+def logprob_fwd_inplace(x, tokens, grad_logp, inv_temperature: float, vocab_start: int, ignore_index: int,
+                        with_entropy: bool):
+    n, vocab = x.shape
+    grad_logp = _ones(n, x) if grad_logp is None else grad_logp
+    logp = x.new_zeros(n, dtype=torch.float32)
+    lse = x.new_zeros(n, dtype=torch.float64)
+    entropy = x.new_zeros(n if with_entropy else 0, dtype=torch.float32)
+    no_entropy = x.new_zeros(0, dtype=torch.float32)
+    for rows in _chunks(n, vocab):
+        logp[rows], h, lse[rows] = logprob_fwd(x[rows], tokens[rows], inv_temperature, vocab_start, ignore_index,
+                                               with_entropy)
+        if with_entropy:
+            entropy[rows] = h
+        x[rows] = logprob_bwd(x[rows], tokens[rows], grad_logp[rows], None, lse[rows], no_entropy,
+                              inv_temperature, vocab_start, ignore_index)
+    return logp, entropy, lse
+
+
+def logprob_bwd_inplace(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature: float,
+                        vocab_start: int, ignore_index: int) -> None:
+    for rows in _chunks(*x.shape):
+        x[rows] = logprob_bwd(x[rows], tokens[rows], grad_logp[rows],
+                              None if grad_entropy is None else grad_entropy[rows], lse[rows],
+                              entropy if grad_entropy is None else entropy[rows], inv_temperature, vocab_start,
+                              ignore_index)
+
+
+def kl_fwd_inplace(student, teacher, grad_kl, inv_temperature: float):
+    n, vocab = student.shape
+    grad_kl = _ones(n, student) if grad_kl is None else grad_kl
+    kl, lse_s, lse_t = (student.new_zeros(n, dtype=torch.float64) for _ in range(3))
+    for rows in _chunks(n, vocab):
+        kl[rows], lse_s[rows], lse_t[rows], _ = kl_fwd(student[rows], teacher[rows], None, inv_temperature, 0, -100)
+        student[rows] = kl_bwd(student[rows], teacher[rows], grad_kl[rows], lse_s[rows], lse_t[rows], kl[rows],
+                               inv_temperature)
+    return kl, lse_s, lse_t
+
+
+def kl_bwd_inplace(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature: float) -> None:
+    for rows in _chunks(*student.shape):
+        student[rows] = kl_bwd(student[rows], teacher[rows], grad_kl[rows], lse_s[rows], lse_t[rows], kl[rows],
+                               inv_temperature)

@@ -67,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
 // log p_s - log p_t - KL = (zs - zt) - C with the row constant C = KL + lse_s - lse_t (double, split hi + lo) and
 // zs - zt formed exactly (TwoSum): where the student is confident and the teacher is not, zs - zt and C are
 // both ~|lse| while their difference is small, so one fp32 rounding of zs - zt would cost eps |lse|.
+// out may be xs itself (the in-place kernels): every element is read before it is written.
 template <typename S, typename U>
 inline void kl_bwd_row(const S* xs, const U* xt, S* out, int64_t V, float inv_t, float g, double lse_s,
                        double lse_t, double kl) {
@@ -127,6 +128,73 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   return grad;
 }
 
+// kl_fwd, then the student row overwritten with its gradient grad_kl[r] * inv_t p_s (log p_s - log p_t - KL) from
+// the row's own scalars: both rows stream from memory once and are re-read from cache. The forward values are
+// computed for every row; a row with grad_kl == 0 gets exact zeros (kl_bwd_row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd_inplace(at::Tensor xs, const at::Tensor& xt,
+                                                              const std::optional<at::Tensor>& grad_kl,
+                                                              double inv_temperature) {
+  check_rows(xs, "student");
+  check_rows(xt, "teacher");
+  check_same_rows(xs, xt);
+  check_writable_rows(xs, "student");
+  check_inv_temperature(inv_temperature);
+  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
+  if (grad_kl) check_row_vector(*grad_kl, N, at::kFloat, xs, "grad_kl");
+  const auto f64 = xs.options().dtype(at::kDouble);
+  at::Tensor kl = at::empty({N}, f64), lse_s = at::empty({N}, f64), lse_t = at::empty({N}, f64);
+  const float* g = grad_kl ? grad_kl->const_data_ptr<float>() : nullptr;
+  double *ko = kl.data_ptr<double>(), *lso = lse_s.data_ptr<double>(), *lto = lse_t.data_ptr<double>();
+  const float inv_t = float(inv_temperature);
+  dispatch_pair(xs.scalar_type(), xt.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using U = decltype(t_tag);
+    S* bs = xs.data_ptr<S>();
+    const U* bt = xt.const_data_ptr<U>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        S* row = bs + r * ss;
+        const KlResult res = kl_row(row, bt + r * st, V, inv_t, -1);
+        ko[r] = res.kl;
+        lso[r] = res.lse_s;
+        lto[r] = res.lse_t;
+        kl_bwd_row(row, bt + r * st, row, V, inv_t, g ? g[r] : 1.f, res.lse_s, res.lse_t, res.kl);
+      }
+    });
+  });
+  return {kl, lse_s, lse_t};
+}
+
+// kl_bwd written into the student's own rows (row stride kept): nothing of size [N, V] is allocated.
+void kl_bwd_inplace(at::Tensor xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
+                    const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+  check_rows(xs, "student");
+  check_rows(xt, "teacher");
+  check_same_rows(xs, xt);
+  check_writable_rows(xs, "student");
+  check_inv_temperature(inv_temperature);
+  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
+  check_row_vector(grad_kl, N, at::kFloat, xs, "grad_kl");
+  check_row_vector(lse_s, N, at::kDouble, xs, "lse_s");
+  check_row_vector(lse_t, N, at::kDouble, xs, "lse_t");
+  check_row_vector(kl, N, at::kDouble, xs, "kl");
+  const float* g = grad_kl.const_data_ptr<float>();
+  const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
+  const double* k = kl.const_data_ptr<double>();
+  const float inv_t = float(inv_temperature);
+  dispatch_pair(xs.scalar_type(), xt.scalar_type(), [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using U = decltype(t_tag);
+    S* bs = xs.data_ptr<S>();
+    const U* bt = xt.const_data_ptr<U>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        kl_bwd_row(bs + r * ss, bt + r * st, bs + r * ss, V, inv_t, g[r], ls[r], lt[r], k[r]);
+      }
+    });
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_full_fwd(const at::Tensor& xs, const at::Tensor& xt,
                                                             const at::Tensor& tokens, const at::Tensor& advantages,
                                                             const std::optional<at::Tensor>& mask, double coef,
@@ -174,6 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_full_fwd(const at::Tensor& xs
 TORCH_LIBRARY_IMPL(opd_C, CPU, m) {
   m.impl("kl_fwd", &kl_fwd);
   m.impl("kl_bwd", &kl_bwd);
+  m.impl("kl_fwd_inplace", &kl_fwd_inplace);
+  m.impl("kl_bwd_inplace", &kl_bwd_inplace);
   m.impl("opd_full_fwd", &opd_full_fwd);
 }
 

@@ -66,10 +66,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd(const at::Tensor& x, 
 // grad = inv_t (g onehot - p (g + ge (log p + H))), p = e^(z - lse): one read of the row, one write.
 // lse is double, split into hi + lo: z - hi is exact near the row max (Sterbenz), so p ~ 1 keeps its accuracy
 // (an fp32 lse alone would carry an error of eps |lse| into 1 - p of a confident token).
+// out may be x itself (the in-place kernels): every element is read before it is written, and the token's logit
+// is read before the sweep overwrites it.
 template <typename T>
 inline void logprob_bwd_row(const T* x, T* out, int64_t V, float inv_t, double lse, float g, float ge, float H,
                             int64_t col) {
   const float hi = float(lse), lo = float(lse - hi);
+  const float x_col = col >= 0 ? static_cast<float>(x[col]) : 0.f;
   const __m256 vi = _mm256_set1_ps(inv_t), vl = _mm256_set1_ps(-hi), vlo = _mm256_set1_ps(lo);
   const __m256 vg = _mm256_set1_ps(g);
   const __m256 vge = _mm256_set1_ps(ge), vh = _mm256_set1_ps(H), scale = _mm256_set1_ps(-inv_t);
@@ -87,7 +90,7 @@ inline void logprob_bwd_row(const T* x, T* out, int64_t V, float inv_t, double l
     }
   }
   if (col >= 0) {  // the token's column, recomputed with the one-hot term: g (1 - p) = -g expm1(log p)
-    const float d = (static_cast<float>(x[col]) * inv_t - hi) - lo, p = std::exp(d);
+    const float d = (x_col * inv_t - hi) - lo, p = std::exp(d);
     const float entropy_term = p != 0.f ? ge * p * (d + H) : 0.f;
     out[col] = static_cast<T>(inv_t * (-g * std::expm1(d) - entropy_term));
   }
@@ -131,6 +134,91 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
     });
   });
   return grad;
+}
+
+// logprob_fwd, then the row overwritten with grad_logp[r] * inv_t (onehot - p) from the shard's own lse: the row
+// streams from memory once and is re-read from cache (a row of V = 151936 fp32 is 600 KB; L2 holds it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_inplace(at::Tensor x, const at::Tensor& tokens,
+                                                                   const std::optional<at::Tensor>& grad_logp,
+                                                                   double inv_temperature, int64_t vocab_start,
+                                                                   int64_t ignore_index, bool with_entropy) {
+  check_rows(x, "logits");
+  check_writable_rows(x, "logits");
+  check_inv_temperature(inv_temperature);
+  const int64_t N = x.size(0), V = x.size(1), stride = x.stride(0);
+  check_row_vector(tokens, N, at::kLong, x, "tokens");
+  if (grad_logp) check_row_vector(*grad_logp, N, at::kFloat, x, "grad_logp");
+  const auto opts = x.options().dtype(at::kFloat);
+  at::Tensor logp = at::empty({N}, opts), lse = at::empty({N}, opts.dtype(at::kDouble));
+  at::Tensor entropy = at::empty({with_entropy ? N : 0}, opts);
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  const float* g = grad_logp ? grad_logp->const_data_ptr<float>() : nullptr;
+  float *lp = logp.data_ptr<float>(), *en = entropy.data_ptr<float>();
+  double* ls = lse.data_ptr<double>();
+  const float inv_t = float(inv_temperature);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* base = x.data_ptr<T>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* row = base + r * stride;
+        if (tok[r] == ignore_index) {  // not read; zero gradient
+          lp[r] = 0.f;
+          ls[r] = 0.0;
+          if (with_entropy) en[r] = 0.f;
+          std::memset(static_cast<void*>(row), 0, sizeof(T) * V);
+          continue;
+        }
+        const int64_t col = owned_column(tok[r], vocab_start, V, ignore_index);
+        const RowResult res = with_entropy ? logprob_row<T, true>(row, V, inv_t, col)
+                                           : logprob_row<T, false>(row, V, inv_t, col);
+        lp[r] = res.logp;
+        ls[r] = res.lse;
+        if (with_entropy) en[r] = res.entropy;
+        logprob_bwd_row(row, row, V, inv_t, res.lse, g ? g[r] : 1.f, 0.f, 0.f, col);
+      }
+    });
+  });
+  return {logp, entropy, lse};
+}
+
+// logprob_bwd written into the logits' own rows (row stride kept): nothing of size [N, V] is allocated.
+void logprob_bwd_inplace(at::Tensor x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                         const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
+                         const at::Tensor& entropy, double inv_temperature, int64_t vocab_start,
+                         int64_t ignore_index) {
+  check_rows(x, "logits");
+  check_writable_rows(x, "logits");
+  check_inv_temperature(inv_temperature);
+  const int64_t N = x.size(0), V = x.size(1), stride = x.stride(0);
+  check_row_vector(tokens, N, at::kLong, x, "tokens");
+  check_row_vector(grad_logp, N, at::kFloat, x, "grad_logp");
+  check_row_vector(lse, N, at::kDouble, x, "lse");
+  if (grad_entropy) {
+    check_row_vector(*grad_entropy, N, at::kFloat, x, "grad_entropy");
+    check_row_vector(entropy, N, at::kFloat, x, "entropy");
+  }
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  const float* g = grad_logp.const_data_ptr<float>();
+  const double* ls = lse.const_data_ptr<double>();
+  const float* ge = grad_entropy ? grad_entropy->const_data_ptr<float>() : nullptr;
+  const float* en = grad_entropy ? entropy.const_data_ptr<float>() : nullptr;
+  const float inv_t = float(inv_temperature);
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    T* base = x.data_ptr<T>();
+    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        T* row = base + r * stride;
+        if (tok[r] == ignore_index) {
+          std::memset(static_cast<void*>(row), 0, sizeof(T) * V);
+          continue;
+        }
+        logprob_bwd_row(row, row, V, inv_t, ls[r], g[r], ge ? ge[r] : 0.f, en ? en[r] : 0.f,
+                        owned_column(tok[r], vocab_start, V, ignore_index));
+      }
+    });
+  });
 }
 
 // The sampled-token estimators of d = logp_student - logp_teacher (expm1 keeps k3 accurate for small d).
@@ -185,6 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_sampled_fwd(const at::Tensor&
 TORCH_LIBRARY_IMPL(opd_C, CPU, m) {
   m.impl("logprob_fwd", &logprob_fwd);
   m.impl("logprob_bwd", &logprob_bwd);
+  m.impl("logprob_fwd_inplace", &logprob_fwd_inplace);
+  m.impl("logprob_bwd_inplace", &logprob_bwd_inplace);
   m.impl("opd_sampled_fwd", &opd_sampled_fwd);
 }
 

@@ -124,8 +124,43 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
   if (grad.numel() == 0) return grad;
   C10_CUDA_CHECK(opd_cuda::logprob_bwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), g.data_ptr<float>(),
                                        ptr_or_null<float>(ge), l.data_ptr<double>(), ptr_or_null<float>(ent), inv_t,
-                                       vocab_start, ignore_index, grad.data_ptr(), stream()));
+                                       vocab_start, ignore_index, grad.data_ptr(), v, stream()));
   return grad;
+}
+
+// logprob_bwd written into the logits' own rows (no [N, V] allocation).
+void logprob_bwd_inplace(at::Tensor x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                         const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
+                         const at::Tensor& entropy, double inv_temperature, int64_t vocab_start,
+                         int64_t ignore_index) {
+  const int64_t n = check_logits(x, "logits"), v = x.size(1);
+  check_writable_rows(x, "logits");
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
+  const at::Tensor g = per_row(grad_logp, n, at::kFloat, x, "grad_logp");
+  const at::Tensor l = per_row(lse, n, at::kDouble, x, "lse");
+  at::Tensor ge, ent;
+  if (grad_entropy.has_value()) {
+    ge = per_row(*grad_entropy, n, at::kFloat, x, "grad_entropy");
+    ent = per_row(entropy, n, at::kFloat, x, "entropy");
+  }
+  if (x.numel() == 0) return;
+  C10_CUDA_CHECK(opd_cuda::logprob_bwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), g.data_ptr<float>(),
+                                       ptr_or_null<float>(ge), l.data_ptr<double>(), ptr_or_null<float>(ent), inv_t,
+                                       vocab_start, ignore_index, x.data_ptr(), x.stride(0), stream()));
+}
+
+// logprob_fwd, then the logits overwritten with grad_logp * inv_t (onehot - p) from the shard's own lse. Two
+// launches: the second re-reads the rows (from L2 while they are still there); a fused one-block-per-row kernel
+// would read them from HBM once (not done: no GPU to measure it on).
+Triple logprob_fwd_inplace(at::Tensor x, const at::Tensor& tokens, const std::optional<at::Tensor>& grad_logp,
+                           double inv_temperature, int64_t vocab_start, int64_t ignore_index, bool with_entropy) {
+  check_writable_rows(x, "logits");
+  auto [logp, ent, lse] = logprob_fwd(x, tokens, inv_temperature, vocab_start, ignore_index, with_entropy);
+  const at::Tensor g = grad_logp.has_value() ? *grad_logp : at::ones({x.size(0)}, x.options().dtype(at::kFloat));
+  logprob_bwd_inplace(x, tokens, g, std::nullopt, lse, ent, inv_temperature, vocab_start, ignore_index);
+  return {logp, ent, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tensor& xs, const at::Tensor& xt,
@@ -163,8 +198,35 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   at::Tensor grad = at::empty({n, v}, xs.options());
   if (grad.numel() == 0) return grad;
   C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<double>(),
-                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, grad.data_ptr(), stream()));
+                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, grad.data_ptr(), v, stream()));
   return grad;
+}
+
+// kl_bwd written into the student's own rows (no [N, V] allocation).
+void kl_bwd_inplace(at::Tensor xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
+                    const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+  const int64_t n = check_pair(xs, xt), v = xs.size(1);
+  check_writable_rows(xs, "student logits");
+  const float inv_t = checked_inv_t(inv_temperature);
+  const c10::cuda::CUDAGuard guard(xs.device());
+  const at::Tensor g = per_row(grad_kl, n, at::kFloat, xs, "grad_kl");
+  const at::Tensor ls = per_row(lse_s, n, at::kDouble, xs, "lse_s");
+  const at::Tensor lt = per_row(lse_t, n, at::kDouble, xs, "lse_t");
+  const at::Tensor k = per_row(kl, n, at::kDouble, xs, "kl");
+  if (xs.numel() == 0) return;
+  C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<double>(),
+                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, xs.data_ptr(), xs.stride(0),
+                                  stream()));
+}
+
+// kl_fwd, then the student overwritten with its gradient (two launches, as logprob_fwd_inplace).
+Triple kl_fwd_inplace(at::Tensor xs, const at::Tensor& xt, const std::optional<at::Tensor>& grad_kl,
+                      double inv_temperature) {
+  check_writable_rows(xs, "student logits");
+  auto [kl, lse_s, lse_t, logp] = kl_fwd(xs, xt, std::nullopt, inv_temperature, 0, -100);
+  const at::Tensor g = grad_kl.has_value() ? *grad_kl : at::ones({xs.size(0)}, xs.options().dtype(at::kFloat));
+  kl_bwd_inplace(xs, xt, g, lse_s, lse_t, kl, inv_temperature);
+  return {kl, lse_s, lse_t};
 }
 
 Triple opd_outputs(const at::Tensor& x, int64_t n) {
@@ -217,6 +279,10 @@ TORCH_LIBRARY_IMPL(opd_C, CUDA, m) {
   m.impl("logprob_bwd", &logprob_bwd);
   m.impl("kl_fwd", &kl_fwd);
   m.impl("kl_bwd", &kl_bwd);
+  m.impl("logprob_fwd_inplace", &logprob_fwd_inplace);
+  m.impl("logprob_bwd_inplace", &logprob_bwd_inplace);
+  m.impl("kl_fwd_inplace", &kl_fwd_inplace);
+  m.impl("kl_bwd_inplace", &kl_bwd_inplace);
   m.impl("opd_sampled_fwd", &opd_sampled_fwd);
   m.impl("opd_full_fwd", &opd_full_fwd);
 }

@@ -138,15 +138,16 @@ struct KlGradVisitor {
 
 template <typename TS, typename TT>
 __global__ void __launch_bounds__(kThreads)
-    kl_bwd_kernel(const TS* __restrict__ s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
+    kl_bwd_kernel(const TS* s, int64_t s_stride, const TT* __restrict__ t, int64_t t_stride, int64_t v,
                   const float* __restrict__ grad_kl, const double* __restrict__ lse_s,
                   const double* __restrict__ lse_t, const double* __restrict__ kl, float inv_t,
-                  TS* __restrict__ grad) {
+                  TS* grad, int64_t grad_stride) {
+  // s and grad may be the same rows (the in-place form): every thread reads its columns before it writes them.
   using Vis = KlGradVisitor<TS, TT>;
   const int64_t row = blockIdx.x;
   const TS* sr = s + row * s_stride;
   const TT* tr = t + row * t_stride;
-  TS* gr = grad + row * v;
+  TS* gr = grad + row * grad_stride;
   const float g = grad_kl[row];
   const SplitLse l = split_lse(lse_s[row]);
   const SplitLse c = split_lse(kl[row] + (lse_s[row] - lse_t[row]));
@@ -215,7 +216,8 @@ cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, 
 }
 
 cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const double* lse_s,
-                   const double* lse_t, const double* kl, float inv_t, void* grad, cudaStream_t stream) {
+                   const double* lse_t, const double* kl, float inv_t, void* grad, int64_t grad_stride,
+                   cudaStream_t stream) {
   if (n == 0 || v == 0) return cudaSuccess;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
@@ -226,7 +228,8 @@ cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, c
     using TT = decltype(t_tag);
     kl_bwd_kernel<TS, TT><<<grid, kThreads, 0, stream>>>(static_cast<const TS*>(s.data), s.row_stride,
                                                          static_cast<const TT*>(t.data), t.row_stride, v, grad_kl,
-                                                         lse_s, lse_t, kl, inv_t, static_cast<TS*>(grad));
+                                                         lse_s, lse_t, kl, inv_t, static_cast<TS*>(grad),
+                                                         grad_stride);
     return cudaGetLastError();
   });
 }

@@ -124,14 +124,16 @@ struct LogprobGradVisitor {
 
 template <typename T, bool ENT>
 __global__ void __launch_bounds__(kThreads)
-    logprob_bwd_kernel(const T* __restrict__ x, int64_t row_stride, int64_t v, const int64_t* __restrict__ tokens,
+    logprob_bwd_kernel(const T* x, int64_t row_stride, int64_t v, const int64_t* __restrict__ tokens,
                        const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
                        const double* __restrict__ lse, const float* __restrict__ entropy, float inv_t,
-                       int64_t vocab_start, int64_t ignore_index, T* __restrict__ grad) {
+                       int64_t vocab_start, int64_t ignore_index, T* grad, int64_t grad_stride) {
+  // x and grad may be the same rows (the in-place form: no __restrict__ on them): every thread reads its
+  // columns before it writes them, and the token's column is formed from the value it loaded.
   using Vis = LogprobGradVisitor<T, ENT>;
   const int64_t row = blockIdx.x;
   const T* xr = x + row * row_stride;
-  T* gr = grad + row * v;
+  T* gr = grad + row * grad_stride;
   const TokenCol tc = token_col(tokens, row, v, vocab_start, ignore_index);
   const SplitLse l = split_lse(lse[row]);
   Vis vis{xr, gr, inv_t, l.hi, l.lo, grad_logp[row], ENT ? grad_entropy[row] : 0.f,
@@ -212,7 +214,8 @@ cudaError_t logprob_fwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, flo
 
 cudaError_t logprob_bwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, const float* grad_logp,
                         const float* grad_entropy, const double* lse, const float* entropy, float inv_t,
-                        int64_t vocab_start, int64_t ignore_index, void* grad, cudaStream_t stream) {
+                        int64_t vocab_start, int64_t ignore_index, void* grad, int64_t grad_stride,
+                        cudaStream_t stream) {
   if (n == 0 || v == 0) return cudaSuccess;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
@@ -223,7 +226,7 @@ cudaError_t logprob_bwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, con
     auto kernel = grad_entropy != nullptr ? logprob_bwd_kernel<T, true> : logprob_bwd_kernel<T, false>;
     kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x.data), x.row_stride, v, tokens, grad_logp,
                                           grad_entropy, lse, entropy, inv_t, vocab_start, ignore_index,
-                                          static_cast<T*>(grad));
+                                          static_cast<T*>(grad), grad_stride);
     return cudaGetLastError();
   });
 }

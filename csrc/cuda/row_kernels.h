@@ -35,18 +35,23 @@ cudaError_t logprob_fwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, flo
                         int64_t ignore_index, float* logp, float* entropy, double* lse, const SplitPlan& plan,
                         float* workspace, cudaStream_t stream);
 
-// grad: contiguous [n, v] of x's dtype. grad_entropy / entropy: nullptr when the entropy has no gradient.
+// grad: [n, v] of x's dtype at row stride grad_stride (v for a fresh gradient; x's own rows, grad == x.data and
+// grad_stride == x.row_stride, for the in-place form). grad_entropy / entropy: nullptr when the entropy has no
+// gradient.
 cudaError_t logprob_bwd(Rows x, int64_t n, int64_t v, const int64_t* tokens, const float* grad_logp,
                         const float* grad_entropy, const double* lse, const float* entropy, float inv_t,
-                        int64_t vocab_start, int64_t ignore_index, void* grad, cudaStream_t stream);
+                        int64_t vocab_start, int64_t ignore_index, void* grad, int64_t grad_stride,
+                        cudaStream_t stream);
 
 // kl, lse_s, lse_t: [n] float64 (they feed kl_bwd); tokens / logp_s: nullptr when no sampled tokens are given.
 cudaError_t kl_fwd(Rows s, Rows t, int64_t n, int64_t v, const int64_t* tokens, float inv_t, int64_t vocab_start,
                    int64_t ignore_index, double* kl, double* lse_s, double* lse_t, float* logp_s,
                    const SplitPlan& plan, double* workspace, cudaStream_t stream);
 
+// grad: as in logprob_bwd (s's own rows for the in-place form).
 cudaError_t kl_bwd(Rows s, Rows t, int64_t n, int64_t v, const float* grad_kl, const double* lse_s,
-                   const double* lse_t, const double* kl, float inv_t, void* grad, cudaStream_t stream);
+                   const double* lse_t, const double* kl, float inv_t, void* grad, int64_t grad_stride,
+                   cudaStream_t stream);
 
 // Fused OPD epilogues (whole vocabulary, one launch, one block per row). mask: bool [n] or nullptr; rows with
 // mask == false are not read and give adv_out = advantages, kl = 0, logp = 0. kl_kind 1/2/3 = k1/k2/k3 of

@@ -64,6 +64,14 @@ def check_rows(x: torch.Tensor, name: str) -> tuple[int, int, int]:
     return N, V, x.stride(0)
 
 
+def check_writable(x: torch.Tensor, name: str) -> None:
+    """The in-place kernels write into x's own rows: they must not overlap (a broadcast row would be written N
+    times with different gradients)."""
+    if x.dim() == 2 and x.shape[0] > 1 and x.stride(0) < x.shape[1]:
+        raise ValueError(f"{name} rows overlap (row stride {x.stride(0)} < V = {x.shape[1]}); the in-place kernels "
+                         "need distinct rows")
+
+
 def check_vocab(N: int, V: int, name: str) -> None:
     if V == 0 and N > 0:
         raise ValueError(f"{name} has an empty vocabulary dimension (shape [..., 0]); every row needs >= 1 logit")

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (EXACT, block_config, check_device, check_rows, check_same_rows, check_vocab, checked_inv_t,
+from ._common import (EXACT, block_config, check_device, check_rows, check_same_rows, check_vocab, check_writable,
+                      checked_inv_t,
                       device_ctx, fold_mass, is_top, kl_value, log_mass, lse_out, merge_parts, rescale, row_vector,
                       safe_max, split_block, split_config, split_lse, sums7, to_output_dtype, token_logit, two_diff)
 
@@ -134,9 +135,10 @@ def _kl_combine_kernel(s_ptr, tok_ptr, kl_ptr, lses_ptr, lset_ptr, logp_ptr, par
 
 @triton.jit
 def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
-                   V, s_stride_r, t_stride_r,
+                   V, s_stride_r, t_stride_r, o_stride_r,
                    INV_T: tl.constexpr, BLOCK_V: tl.constexpr):
-    """grad_xs = inv_t * g * p_s * (log p_s - log p_t - KL); p_s == 0 (a -inf logit) gives 0, NaN stays NaN."""
+    """grad_xs = inv_t * g * p_s * (log p_s - log p_t - KL); p_s == 0 (a -inf logit) gives 0, NaN stays NaN.
+    out_ptr may be s_ptr (the in-place form): each program reads its block before writing it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < V
@@ -159,7 +161,7 @@ def _kl_bwd_kernel(s_ptr, t_ptr, gkl_ptr, lses_ptr, lset_ptr, kl_ptr, out_ptr,
     u = (diff_hi - c_hi) + (diff_lo - c_lo)
     grad = tl.where(p == 0, 0.0, p * u * (g * INV_T))
     grad = tl.where(active, grad, 0.0)
-    tl.store(out_ptr + row * V + cols, to_output_dtype(grad, out_ptr), mask=ok)
+    tl.store(out_ptr + row * o_stride_r + cols, to_output_dtype(grad, out_ptr), mask=ok)
 
 
 def _fwd(xs, xt, tokens, inv_t, vocab_start, ignore_index, split=None):
@@ -208,6 +210,29 @@ def kl_fwd(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor | 
 def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, lse_s: torch.Tensor,
            lse_t: torch.Tensor, kl: torch.Tensor, inv_temperature: float) -> torch.Tensor:
     """grad w.r.t. the student logits (dtype and shape of student, contiguous) from the GLOBAL fp32 [N] scalars."""
+    return _bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature, None)
+
+
+def kl_bwd_inplace(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, lse_s: torch.Tensor,
+                   lse_t: torch.Tensor, kl: torch.Tensor, inv_temperature: float) -> None:
+    """kl_bwd written into the student's own rows (they must not overlap): no [N, V] allocation."""
+    check_writable(student, "student logits")
+    _bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature, student)
+
+
+def kl_fwd_inplace(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor | None,
+                   inv_temperature: float):
+    """(kl, lse_s, lse_t) float64 [N] of kl_fwd, then the student overwritten with grad_kl * inv_t * p_s (log p_s -
+    log p_t - KL) (grad_kl None = 1; rows with grad_kl == 0: zeros). Two launches, as logprob_fwd_inplace."""
+    check_writable(student, "student logits")
+    kl, lse_s, lse_t, _ = _fwd(student, teacher, None, inv_temperature, 0, -100)
+    if grad_kl is None:
+        grad_kl = torch.ones(student.shape[0], device=student.device, dtype=torch.float32)
+    _bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature, student)
+    return kl, lse_s, lse_t
+
+
+def _bwd(student, teacher, grad_kl, lse_s, lse_t, kl, inv_temperature, out):
     check_device(student)
     check_same_rows(student, teacher)
     N, V, ssr = check_rows(student, "student logits")
@@ -216,12 +241,12 @@ def kl_bwd(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torch.Tensor, 
     dev = student.device
     grad_kl, lse_s, lse_t, kl = (row_vector(t, N, dev, n) for t, n in
                                  ((grad_kl, "grad_kl"), (lse_s, "lse_s"), (lse_t, "lse_t"), (kl, "kl")))
-    out = torch.empty(student.shape, device=dev, dtype=student.dtype)
+    out = torch.empty(student.shape, device=dev, dtype=student.dtype) if out is None else out
     if out.numel() == 0:
         return out
     block_v, warps = block_config(student if student.element_size() >= teacher.element_size() else teacher)
     with device_ctx(student):
         _kl_bwd_kernel[(N, triton.cdiv(V, block_v))](
-            student, teacher, grad_kl, lse_s, lse_t, kl, out, V, ssr, tsr,
+            student, teacher, grad_kl, lse_s, lse_t, kl, out, V, ssr, tsr, out.stride(0),
             INV_T=checked_inv_t(inv_temperature), BLOCK_V=block_v, num_warps=warps, **EXACT)
     return out

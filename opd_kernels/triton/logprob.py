@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (EXACT, block_config, check_device, check_rows, check_vocab, checked_inv_t, device_ctx, fold_mass,
+from ._common import (EXACT, block_config, check_device, check_rows, check_vocab, check_writable, checked_inv_t, device_ctx, fold_mass,
                       is_top, log_mass, lse_out, merge_parts, rescale, row_vector, safe_max, split_block,
                       split_config, split_lse, sums2, sums3, to_output_dtype, token_logit)
 
@@ -111,10 +111,11 @@ def _logprob_combine_kernel(x_ptr, tok_ptr, logp_ptr, ent_ptr, lse_ptr, part_ptr
 
 @triton.jit
 def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, out_ptr,
-                        V, stride_r, vocab_start, ignore_index,
+                        V, stride_r, stride_o, vocab_start, ignore_index,
                         INV_T: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                         BLOCK_V: tl.constexpr):
-    """grad_x = inv_t * (g * (onehot - p) - g_H * p * (log p + H)), p = exp(x inv_t - lse); 0 on ignored rows."""
+    """grad_x = inv_t * (g * (onehot - p) - g_H * p * (log p + H)), p = exp(x inv_t - lse); 0 on ignored rows.
+    out_ptr may be x_ptr (stride_o = stride_r: the in-place form): each program reads its block before writing it."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     ok = cols < V
@@ -134,7 +135,7 @@ def _logprob_bwd_kernel(x_ptr, tok_ptr, glogp_ptr, gent_ptr, lse_ptr, ent_ptr, o
         ent = tl.load(ent_ptr + row).to(tl.float32)
         grad -= g_h * tl.where(p == 0, 0.0, p * (logp + ent))
     grad = tl.where(valid, grad * INV_T, 0.0)
-    tl.store(out_ptr + row * V + cols, to_output_dtype(grad, out_ptr), mask=ok)
+    tl.store(out_ptr + row * stride_o + cols, to_output_dtype(grad, out_ptr), mask=ok)
 
 
 def _fwd(x, tokens, inv_t, vocab_start, ignore_index, with_entropy, split=None):
@@ -184,6 +185,33 @@ def logprob_bwd(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Ten
     """grad_x (dtype and shape of logits, contiguous) of sum(grad_logp * logp + grad_entropy * entropy), from the
     GLOBAL lse (float64 [N]; fp32 works, less exactly) / entropy (fp32 [N]; may be an empty tensor when
     grad_entropy is None)."""
+    return _bwd(logits, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index,
+                None)
+
+
+def logprob_bwd_inplace(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Tensor,
+                        grad_entropy: torch.Tensor | None, lse: torch.Tensor, entropy: torch.Tensor,
+                        inv_temperature: float, vocab_start: int, ignore_index: int) -> None:
+    """logprob_bwd written into the logits' own rows (they must not overlap): no [N, V] allocation."""
+    check_writable(logits, "logits")
+    _bwd(logits, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index, logits)
+
+
+def logprob_fwd_inplace(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Tensor | None,
+                        inv_temperature: float, vocab_start: int, ignore_index: int, with_entropy: bool):
+    """logprob_fwd, then the logits overwritten with grad_logp * inv_t * (onehot - p) (grad_logp None = 1) from the
+    shard's own lse. Two launches (the forward, then the elementwise backward into the buffer): the second
+    re-reads the rows, from L2 only when they are still there; a fused one-program-per-row kernel would keep
+    that to one HBM read (not done: no GPU to measure it on)."""
+    check_writable(logits, "logits")
+    logp, ent, lse = _fwd(logits, tokens, inv_temperature, vocab_start, ignore_index, with_entropy)
+    if grad_logp is None:
+        grad_logp = torch.ones(logits.shape[0], device=logits.device, dtype=torch.float32)
+    _bwd(logits, tokens, grad_logp, None, lse, lse, inv_temperature, vocab_start, ignore_index, logits)
+    return logp, ent, lse
+
+
+def _bwd(logits, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index, out):
     check_device(logits)
     N, V, sr = check_rows(logits, "logits")
     check_vocab(N, V, "logits")
@@ -194,13 +222,13 @@ def logprob_bwd(logits: torch.Tensor, tokens: torch.Tensor, grad_logp: torch.Ten
     has_ent = grad_entropy is not None
     grad_entropy = row_vector(grad_entropy, N, dev, "grad_entropy")
     entropy = row_vector(entropy, N, dev, "entropy") if has_ent else lse
-    out = torch.empty(logits.shape, device=dev, dtype=logits.dtype)
+    out = torch.empty(logits.shape, device=dev, dtype=logits.dtype) if out is None else out
     if out.numel() == 0:
         return out
     block_v, warps = block_config(logits)
     with device_ctx(logits):
         _logprob_bwd_kernel[(N, triton.cdiv(V, block_v))](
             logits, tokens, grad_logp, grad_entropy if has_ent else lse, lse, entropy, out,
-            V, sr, int(vocab_start), int(ignore_index), INV_T=checked_inv_t(inv_temperature), HAS_ENTROPY=has_ent,
+            V, sr, out.stride(0), int(vocab_start), int(ignore_index), INV_T=checked_inv_t(inv_temperature), HAS_ENTROPY=has_ent,
             BLOCK_V=block_v, num_warps=warps, **EXACT)
     return out

@@ -57,12 +57,17 @@ def max_err(got: torch.Tensor, oracle: torch.Tensor) -> float:
     return float((got[finite] - oracle[finite]).abs().max())
 
 
-def assert_within_rule(got, oracle, torch32, what: str, backend=None) -> None:
+def assert_within_rule(got, oracle, torch32, what: str, backend=None, extra_rounding: bool = False) -> None:
     """The tolerance rule of this file's docstring. A bf16 result of a backend that truncates to bf16 (Triton's
-    interpreter) may be one bf16 ulp (2^-7 relative) off, where a rounding store is half an ulp off."""
+    interpreter) may be one bf16 ulp (2^-7 relative) off, where a rounding store is half an ulp off.
+    ``extra_rounding``: ``got`` was rounded to its dtype one more time than PyTorch's result (the in-place backward
+    stores the unit gradient in the logits' dtype, then scales and rounds again): half an ulp of that dtype at the
+    largest value is allowed on top."""
     err, ref_err = max_err(got, oracle), max_err(torch32, oracle)
     finite = oracle.double()[torch.isfinite(oracle.double())]
     floor = EPS32 * max(1.0, float(finite.abs().max())) if finite.numel() else 0.0
+    if extra_rounding and finite.numel():
+        floor += torch.finfo(got.dtype).eps / 2 * float(finite.abs().max())
     if backend is not None and backend.truncates_bf16 and got.dtype == torch.bfloat16 and finite.numel():
         floor += 2.0**-7 * float(finite.abs().max())
     assert err <= 2 * ref_err + floor, (f"{what}: error {err:.3e} > 2 x PyTorch fp32 error {ref_err:.3e} "
