@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -116,7 +117,7 @@ def run(quick: bool = False, device=torch.device("cpu"), backend: str | None = N
     backend = backend or ("cpp" if device.type == "cpu" else "cuda")
     case_impls = ("naive", "chunked", "compile", backend, f"{backend}-inplace")
     Ts, reps = Ts or ((1024,) if quick else (4096,)), reps or (3 if quick else 7)
-    started, rows = time.perf_counter(), []
+    started, rows, load_start = time.perf_counter(), [], os.getloadavg()
     for dtype in dtypes:
         for V in Vs:
             for T in Ts:
@@ -132,7 +133,8 @@ def run(quick: bool = False, device=torch.device("cpu"), backend: str | None = N
                 gc.collect()
     record = {"schema": "opd-benchmarks-inplace/1", "created": common.now_iso(),
               "machine": common.machine_record(device), "interleave_mib": INTERLEAVE_MIB, "reps": reps,
-              "rows": rows, "duration_s": time.perf_counter() - started}
+              "rows": rows, "duration_s": time.perf_counter() - started,
+              "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg())}
     record["targets"] = evaluate(rows, backend)
     return record
 
@@ -177,7 +179,9 @@ def markdown(record: dict) -> str:
     lines = [f"# In-place backward: fwd+bwd, {m.get('gpu_name') or m.get('cpu_model')}", "",
              f"{record['created']}; {record['reps']} timed calls per case and condition (median); interleaved = "
              f"{record['interleave_mib']} MiB of other tensors allocated and written before each call. Method: "
-             "benchmarks/bench_inplace.py.", "",
+             f"benchmarks/bench_inplace.py. 1-minute load average {record['loadavg_start'][0]:.2f} at the start, "
+             f"{record['loadavg_end'][0]:.2f} at the end ({m.get('cpu_count')} cores; above ~1.2 other processes "
+             "shared the cores: the times are then provisional).", "",
              "| op | T | V | dtype | impl | back-to-back ms | interleaved ms | extra MiB | extra % logits | "
              "grad is logits | check |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:

@@ -33,6 +33,9 @@ TORCH_LIBRARY(opd_C, m) {
         " -> (Tensor kl, Tensor lse_s, Tensor lse_t)");
   m.def("kl_bwd_inplace(Tensor(a!) student, Tensor teacher, Tensor grad_kl, Tensor lse_s, Tensor lse_t, Tensor kl,"
         " float inv_temperature) -> ()");
+  // logits[r, :] *= scale[r] in place (fp32 product, one rounding): the in-place backward's per-row scale. CPU only
+  // (elsewhere the Python layer uses torch's mul_, which is fast there).
+  m.def("scale_rows_(Tensor(a!) logits, Tensor scale) -> ()");
   // Optional fused OPD epilogues (whole vocabulary, vocab_start = 0): one launch for opd_advantages. Rows with
   // mask == false give kl = 0, logp = 0, advantages_out = advantages. kl_kind 1/2/3 = k1/k2/k3 of
   // d = logp - teacher_logp; opd_full_fwd uses the exact full-vocabulary KL. See opd_kernels/ops/README.md.

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import opd_kernels as ok
-from opd_kernels.ops import reverse_kl as rk, token_logprobs as tl
+from opd_kernels.ops import _inplace, reverse_kl as rk, token_logprobs as tl
 from opd_kernels.ops.reverse_kl import reverse_kl_reference as kl_reference
 from opd_kernels.ops.token_logprobs import token_logprobs_reference as lp_reference
 from ops_util import DTYPES, assert_within_rule, logits, near_teacher, rows_for, tokens_for
@@ -199,6 +199,16 @@ def test_low_level_functions_equal_the_backwards(backend, gen):
     close(buf, grad_lp + grad_kl)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_row_scale_rounds_once(dtype, gen):
+    """The backward's per-row scale (a C++ kernel for 16-bit CPU buffers): the fp32 product rounded once."""
+    x = logits((5, 1031), dtype, gen)
+    g = torch.randn(5, generator=gen)
+    expected = (x.float() * g[:, None]).to(dtype)
+    _inplace.scale_rows_op(x, g)
+    assert torch.equal(x, expected)
+
+
 def test_opcheck(backend, gen):
     x = torch.randn(3, 4, 37, generator=gen).to(backend.device)
     xt = torch.randn(3, 4, 37, generator=gen).to(backend.device)
@@ -212,7 +222,9 @@ def test_opcheck(backend, gen):
              (tl.token_logprobs_bwd_inplace, (x.clone(), tokens, vec(), None, lse, x.new_empty(0), 0.7, 0, -100)),
              (rk.kl_fwd_inplace, (x.clone(), xt, None, 0.9)),
              (rk.kl_fwd_inplace, (x.clone(), xt.bfloat16(), vec(), 1.0)),
-             (rk.kl_bwd_inplace, (x.clone(), xt, vec(), lse, lse + 0.1, lse.abs(), 0.9))]
+             (rk.kl_bwd_inplace, (x.clone(), xt, vec(), lse, lse + 0.1, lse.abs(), 0.9)),
+             (_inplace.scale_rows_op, (x.clone(), vec())),
+             (_inplace.scale_rows_op, (x.clone().bfloat16(), vec()))]
     for op, args in calls:
         torch.library.opcheck(op, args)
 
