@@ -155,6 +155,16 @@ def test_modified_buffer_is_detected_in_the_backward(gen):
         logp.sum().backward()
 
 
+def test_buffer_needed_by_another_backward_is_detected(gen):
+    """exp saves its output for its backward: overwriting it must not silently corrupt that gradient (the
+    custom op declares the mutation, so autograd's version check raises)."""
+    leaf = logits((4, 70), torch.float32, gen).requires_grad_()
+    buffer = torch.exp(leaf)
+    logp = ok.token_logprobs(buffer, torch.zeros(4, dtype=torch.long), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logp.sum().backward()
+
+
 def test_no_gradient_needed_leaves_the_buffer_alone(gen):
     x = logits((4, 70), torch.float32, gen)
     before = x.clone()
