@@ -9,10 +9,10 @@ Math, z = h W^T / temperature (h [T, d] the final hidden states, W [V, d] the ou
 Algorithm (the Cut-Cross-Entropy / Liger fused-linear idea applied to OPD): the forward loops over chunks of C token
 rows; logits_c = h_c W^T is ONE [C, V] buffer that the row ops (``token_logprobs``, ``reverse_kl``, ``topk_kl``
 pieces) reduce to per-row values, and only per-row scalars (lse, entropy, kl, ...) are kept for the backward. The
-backward recomputes logits_c (and the teacher's chunk), forms G_c with the row ops' backward from the per-row
-upstream gradients, and accumulates grad_h[c] = G_c W and grad_W += G_c^T h_c.
-Memory: a few [C, V] buffers (student chunk, teacher chunk, gradient chunk) and O(T) per-row scalars instead of
-O(T V); the price is one more logits matmul (the backward's recompute). C by default: the most rows with
+backward recomputes logits_c (and the teacher's chunk), overwrites it with G_c (the row ops' in-place backward,
+from the per-row upstream gradients), and accumulates grad_h[c] = G_c W and grad_W += G_c^T h_c.
+Memory: one [C, V] buffer (two with a teacher's chunk; the top-K KL's gradient adds one) and O(T) per-row scalars
+instead of O(T V); the price is one more logits matmul (the backward's recompute). C by default: the most rows with
 C * V * 4 bytes <= :data:`CHUNK_BYTES` (``chunk_size`` overrides it). A low-precision weight gets an fp32 gradient
 accumulator [V, d] (summing per-chunk bf16 products would round once per chunk), cast once at the end.
 Tensor parallelism (``process_group``): W is this rank's vocabulary shard [V / world, d] (Megatron's
@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from . import _checks, _tp
 from .opd_advantages import OPDAdvantages, opd_advantages
-from .reverse_kl import kl_bwd, kl_fwd, reverse_kl_reference, sharded_kl
-from .token_logprobs import sharded_logprobs, token_logprobs_bwd, token_logprobs_fwd, token_logprobs_reference
+from .reverse_kl import kl_fwd, kl_grad_inplace_, reverse_kl_reference, sharded_kl
+from .token_logprobs import logprob_grad_inplace_, sharded_logprobs, token_logprobs_fwd, token_logprobs_reference
 from .topk_kl import sharded_topk, topk_grad, topk_kl_fwd, topk_kl_reference
 
 CHUNK_BYTES = 64 << 20
@@ -123,25 +123,27 @@ def _kl_rows(z, zt, ids, lq, valid, cfg: _Config):
     return sharded_topk(z, ids, lq, valid, cfg.temperature, cfg.group)
 
 
-def _chunk_grad(z, zt, tok, ids, lq, saved, grads, cfg: _Config, vocab: tuple[int, int]):
-    """G_c [C, V] = d loss / d logits_c from the per-row upstream gradients (None: that output is unused)."""
+def _chunk_grad_(z, zt, tok, ids, lq, saved, grads, cfg: _Config, vocab: tuple[int, int]):
+    """Overwrites the chunk's logits z [C, V] with G_c = d loss / d logits_c (the row ops' in-place backward, from the
+    per-row upstream gradients; None: that output is unused) and returns it: no second [C, V] buffer, except the
+    top-K KL's gradient, which has no in-place form."""
     lse, entropy, kl, a, b = saved
     g_logp, g_ent, g_kl = grads
-    grad = None
-    if g_logp is not None or g_ent is not None:
-        g_logp = torch.zeros_like(lse, dtype=torch.float32) if g_logp is None else g_logp
-        grad = token_logprobs_bwd(z, tok, g_logp.contiguous(), None if g_ent is None else g_ent.contiguous(), lse,
-                                  entropy, cfg.temperature, vocab[0], cfg.ignore_index)
-    if g_kl is not None:
-        valid = tok != cfg.ignore_index
-        g_kl = torch.where(valid, g_kl.float(), torch.zeros_like(g_kl, dtype=torch.float32)).contiguous()
-        if cfg.kl == "exact":
-            part = kl_bwd(z, zt, g_kl, a, b, kl, cfg.temperature)
-        else:
-            part = topk_grad(z, ids, lq, g_kl, a, kl, b, valid, 1.0 / cfg.temperature, vocab[0], vocab[1])
-        grad = part if grad is None else grad.add_(part)
-        del part
-    return grad
+    with_lp = g_logp is not None or g_ent is not None
+    g_logp = torch.zeros_like(lse, dtype=torch.float32) if g_logp is None and with_lp else g_logp
+    lp = dict(grad_entropy=g_ent, entropy=None if g_ent is None else entropy, ignore_index=cfg.ignore_index,
+              vocab_start=vocab[0], temperature=cfg.temperature)
+    if g_kl is None:
+        return logprob_grad_inplace_(z, tok, g_logp, lse, **lp)
+    valid = tok != cfg.ignore_index
+    g_kl = torch.where(valid, g_kl.float(), torch.zeros_like(g_kl, dtype=torch.float32))
+    if cfg.kl == "exact":   # one call: the KL part plus (with_lp) the log-prob / entropy part
+        return kl_grad_inplace_(z, zt, g_kl, a, b, kl, tokens=tok if with_lp else None, sharded=cfg.group is not None,
+                                grad_logp=g_logp, **lp)
+    part = topk_grad(z, ids, lq, g_kl, a, kl, b, valid, 1.0 / cfg.temperature, vocab[0], vocab[1])
+    if not with_lp:
+        return z.copy_(part)
+    return logprob_grad_inplace_(z, tok, g_logp, lse, **lp).add_(part)
 
 
 class _FusedLinear(torch.autograd.Function):
@@ -185,7 +187,7 @@ class _FusedLinear(torch.autograd.Function):
             zt = t_hidden[c] @ t_weight.T if cfg.kl == "exact" and g_kl is not None else None
             saved = (lse[c], entropy[c] if cfg.with_entropy else entropy, _at(kl, c), _at(a, c), _at(b, c))
             grads = tuple(None if g is None else g[c] for g in (g_logp, g_ent, g_kl))
-            grad_z = _chunk_grad(z, zt, tokens[c], _at(ids, c), _at(lq, c), saved, grads, cfg, vocab)
+            grad_z = _chunk_grad_(z, zt, tokens[c], _at(ids, c), _at(lq, c), saved, grads, cfg, vocab)
             del z, zt
             if want_h:
                 torch.mm(grad_z, weight, out=grad_h[c])
