@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,7 +109,8 @@ def run(quick: bool = False, device=torch.device("cpu"), with_kl=(False, True), 
     reps = 1 if quick else 2
     record = {"schema": "opd-benchmarks/fused-linear/1", "created": common.now_iso(),
               "machine": common.machine_record(device), "T": T, "V": V, "d": d, "teacher_d": d_t, "dtype": "fp32",
-              "chunk_rows": default_chunk_rows(V), "logits_bytes": T * V * 4, "cases": []}
+              "chunk_rows": default_chunk_rows(V), "logits_bytes": T * V * 4, "loadavg_start": os.getloadavg(),
+              "cases": []}
     for kl in with_kl:
         x = make_inputs(T, V, d, d_t, torch.float32, device)
         case = {"case": "logp+entropy" + ("+kl" if kl else "")}
@@ -122,6 +124,7 @@ def run(quick: bool = False, device=torch.device("cpu"), with_kl=(False, True), 
         record["cases"].append(case)
         del x
     record["target"] = "fused peak extra memory <= 5% of the materialised path's, gradients within the 2x rule"
+    record["loadavg_end"] = os.getloadavg()   # the machine's load (2 cores: > 2 means the timings are shared)
     # the chunk is a fixed 64 MiB, so its share shrinks with T: the target is stated (and judged) at T = 8192
     record["target_met"] = None if quick else all(c["fused_mem_pct_of_materialised"] <= 5 and c["accuracy"]["rule_ok"]
                                                   for c in record["cases"])
@@ -132,7 +135,9 @@ def markdown(record: dict) -> str:
     lines = [f"# Fused linear + loss vs materialised logits ({record['machine']['device_slug']}, {record['created']})",
              "", f"T={record['T']}, V={record['V']}, d={record['d']} (teacher d={record['teacher_d']}), "
              f"{record['dtype']}, chunk {record['chunk_rows']} rows; logits would be "
-             f"{record['logits_bytes'] / 2**20:.0f} MiB.", "",
+             f"{record['logits_bytes'] / 2**20:.0f} MiB. Load average (1 min) at start / end: "
+             f"{record['loadavg_start'][0]:.2f} / {record['loadavg_end'][0]:.2f} on "
+             f"{record['machine']['cpu_count']} cores.", "",
              "| case | path | peak extra MiB | % of materialised | time s | max err grad_h | max err grad_W |",
              "|---|---|---|---|---|---|---|"]
     for c in record["cases"]:
