@@ -246,6 +246,13 @@ def _teacher_args(teacher, hidden, weight, tokens, sharded: bool):
     raise TypeError(f"teacher must be None, a LinearTeacher or a TopKTeacher, got {type(teacher).__name__}")
 
 
+def _chunk_rows(chunk_size, weight: torch.Tensor) -> int:
+    chunk = default_chunk_rows(weight.shape[0]) if chunk_size is None else _checks.integer(chunk_size, "chunk_size")
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1 (token rows per chunk) or None, got {chunk}")
+    return chunk
+
+
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
                           temperature: float = 1.0, return_entropy: bool = False, ignore_index: int = -100,
                           teacher: LinearTeacher | TopKTeacher | None = None, chunk_size: int | None = None,
@@ -274,9 +281,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
         raise ValueError(f"tokens {tuple(tokens.shape)} must have hidden's positions {tuple(hidden.shape[:-1])}")
     temperature = _checks.positive_scalar(temperature, "temperature")
     ignore_index = _checks.integer(ignore_index, "ignore_index")
-    chunk = default_chunk_rows(weight.shape[0]) if chunk_size is None else _checks.integer(chunk_size, "chunk_size")
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk}")
+    chunk = _chunk_rows(chunk_size, weight)
     kind, t_hidden, t_weight, ids, lq = _teacher_args(teacher, hidden, weight, tokens, process_group is not None)
     cfg = _Config(temperature, bool(return_entropy), ignore_index, chunk, process_group, kind)
     flat_tokens = tokens.reshape(-1)
@@ -302,7 +307,7 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
     if (want is None) != (teacher is None) or (want is not None and not isinstance(teacher, want)):
         raise ValueError(f"kl={kl!r} takes {want.__name__ if want else 'teacher_logprobs and no teacher'}")
     kind, t_hidden, t_weight, ids, lq = _teacher_args(teacher, hidden, weight, tokens, process_group is not None)
-    chunk = default_chunk_rows(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    chunk = _chunk_rows(chunk_size, weight)
     h, shape = hidden.reshape(-1, hidden.shape[-1]), tokens.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     tok, adv, lp_t, m = flat(tokens), flat(advantages), flat(teacher_logprobs), flat(mask)

@@ -109,6 +109,10 @@ def test_clear_errors(gen):
         ok.fused_linear_logprobs(h, w, tokens, teacher=ok.LinearTeacher(th.float(), tw.float()[:100]))
     with pytest.raises(ValueError, match="chunk_size"):
         ok.fused_linear_logprobs(h, w, tokens, chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ok.fused_linear_opd_advantages(h, w, tokens, torch.zeros(T), teacher_logprobs=torch.zeros(T), chunk_size=-3)
+    with pytest.raises(ValueError, match="takes"):
+        ok.fused_linear_opd_advantages(h, w, tokens, torch.zeros(T), kl="full", teacher_logprobs=torch.zeros(T))
     with pytest.raises(TypeError, match="teacher"):
         ok.fused_linear_logprobs(h, w, tokens, teacher=(th, tw))
 
