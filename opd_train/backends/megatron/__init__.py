@@ -21,7 +21,8 @@ because Megatron's checkpoint writer spawns a helper process)::
 
     batch = TrainBatch(tokens=[prompt + response, ...], response_lengths=[...], loss_masks=[...])
     # with TrainerSettings(..., opd=OPDSettings(estimator="k1", advantage_coef=1.0)): the OPD forward, one fused
-    # opd_kernels.opd_advantages call per micro-batch -> old log-probs, KL term, A' = A - coef * KL_t
+    # opd_kernels.opd_advantages call per micro-batch (per chunk of its token rows: the output layer is fused
+    # with the loss, BatchingSettings.fused_output_layer) -> old log-probs, KL term, A' = A - coef * KL_t
     scored = trainer.forward(batch, advantages=base_advantages)   # Megatron teacher; or teacher=TeacherRows(...)
     #   scored.logprobs / .advantages / .opd_kl / .teacher_logprobs / .ref_logprobs / .values: list of [R_i]
     metrics = trainer.train_step(batch, scored.advantages, scored.logprobs, loss=LossSettings(eps_clip=0.2),
