@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..http import paused_gc
 from .model_runner import DecodeBatch, ModelRunner
 from .types import SeqRequest, SeqResult
 
@@ -172,7 +173,8 @@ class Scheduler:
             self._guarded([g for g, _ in gen], lambda: self._prefill(gen))
 
     def _score(self, items: list[tuple[_Group, int]]) -> None:
-        results = self.runner.score([g.seqs[i] for g, i in items])
+        with paused_gc():   # a full-distribution batch is ~10^5 Python lists (see opd_train.http.paused_gc)
+            results = self.runner.score([g.seqs[i] for g, i in items])
         self.stats.scored_seqs += len(items)
         for (g, i), res in zip(items, results):
             g.deliver(i, res)

@@ -25,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
+from ..http import paused_gc
 from .config import ServerConfig, build_parser, config_from_args
 from .model_runner import ModelRunner
 from .protocol import ModelLimits, ProtocolError, build_generate_response, decode_json_body, parse_generate_request
@@ -58,16 +59,18 @@ def create_app(state: EngineState) -> FastAPI:
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        started = time.time()
+        started, raw = time.time(), await request.body()
         try:
-            parsed = parse_generate_request(decode_json_body(await request.body()), limits)
+            with paused_gc():       # bulk JSON: see opd_train.http.paused_gc
+                parsed = parse_generate_request(decode_json_body(raw), limits)
         except ProtocolError as exc:
             return _json(exc.body, exc.status)
         try:
             results = await asyncio.wrap_future(scheduler.submit(parsed.seqs))
         except Exception as exc:  # the engine thread reported a failure for this batch; the server stays up
             return _json({"error": {"message": f"engine error: {type(exc).__name__}: {exc}"}}, 500)
-        return _json(build_generate_response(parsed, results, started))
+        with paused_gc():
+            return _json(build_generate_response(parsed, results, started))
 
     _add_control_routes(app, state)
     return app

@@ -119,7 +119,7 @@ class SGLangTeacher(Teacher):
         ids, start = self._item(tokens, response_len)
         if self.config.coalesce_ms <= 0:
             return await self.http.post_json(self.url, self._payload(ids, start),
-                                             lambda body: self._parse(_one(body), ids, response_len))
+                                             lambda body: self._parse_all([_one(body)], [(ids, response_len)])[0])
         return await self._coalescer.submit(None, (ids, start, response_len))
 
     async def _send_batch(self, _key: Any, batch: list) -> list[TeacherScores]:
@@ -136,7 +136,7 @@ class SGLangTeacher(Teacher):
             if not isinstance(body, list) or len(body) != len(batch):
                 raise InvalidResponse(f"expected a list of {len(batch)} results, got "
                                       f"{len(body) if isinstance(body, list) else type(body).__name__}")
-            return [self._parse(b, ids, r) for b, (ids, _, r) in zip(body, batch)]
+            return self._parse_all(body, [(ids, r) for ids, _, r in batch])
 
         return await self.http.request_in_loop(self.url, payload, parse)
 
@@ -155,6 +155,13 @@ class SGLangTeacher(Teacher):
         return TeacherScores(logprobs=torch.zeros(0), temperature=self.out_temperature,
                              topk_ids=torch.zeros(0, k, dtype=torch.long) if k else None,
                              topk_logprobs=torch.zeros(0, k) if k else None)
+
+    def _parse_all(self, items: list, requests: list[tuple[list[int], int]]) -> list[TeacherScores]:
+        """The scores of a batch's result objects (``requests``: each one's ids and response length)."""
+        scores = [self._parse(item, ids, r) for item, (ids, r) in zip(items, requests)]
+        if self.config.top_logprobs_num and self.config.full_distribution and self.config.temperature != 1.0:
+            _rescale(scores, [ids[len(ids) - r:] for ids, r in requests], self.config.temperature)
+        return scores
 
     def _parse(self, item: Any, ids: list[int], response_len: int) -> TeacherScores:
         meta = item.get("meta_info") if isinstance(item, dict) else None
@@ -178,8 +185,6 @@ class SGLangTeacher(Teacher):
             if top_ids.shape[1] != k:
                 raise InvalidResponse(f"asked for top_logprobs_num={k}, got {top_ids.shape[1]} per position")
             scores.topk_ids, scores.topk_logprobs = top_ids, top_lps
-            if self.config.full_distribution and self.config.temperature != 1.0:
-                self._rescale(scores, ids[prompt_len:])
         return scores
 
     def _check_echo(self, entries: list, expected: list[int]) -> None:
@@ -191,15 +196,22 @@ class SGLangTeacher(Teacher):
                 raise InvalidResponse(f"the server echoed token id {echoed!r} at span position {j} where the request "
                                       f"had {ours}: this response belongs to another sequence")
 
-    def _rescale(self, scores: TeacherScores, response: list[int]) -> None:
-        """Full distribution at T=1 -> exactly at T: log_softmax(logp_1 / T) (the lse of the logits cancels)."""
-        order = scores.topk_ids.argsort(dim=1)
-        if not bool((scores.topk_ids.gather(1, order) == torch.arange(order.shape[1])).all()):
-            raise InvalidResponse("the full-distribution top-k does not list every token id exactly once")
-        full = scores.topk_logprobs.gather(1, order).double() / self.config.temperature   # [R, V], column = id
-        full = torch.log_softmax(full, dim=1).float()
-        scores.logprobs = full[torch.arange(len(response)), torch.tensor(response)]
-        scores.topk_logprobs = full.gather(1, scores.topk_ids)
+
+def _rescale(scores: list[TeacherScores], responses: list[list[int]], temperature: float) -> None:
+    """Full distributions at T=1 -> exactly at T: log_softmax(logp_1 / T) (the lse of the logits cancels). All
+    samples of a batch in one [sum R, V] pass: per-sample tensor ops cost more than the arithmetic here."""
+    top_ids = torch.cat([s.topk_ids for s in scores])                                          # [N, V]
+    sorted_ids, order = top_ids.sort(dim=1)
+    if not bool((sorted_ids == torch.arange(order.shape[1])).all()):
+        raise InvalidResponse("the full-distribution top-k does not list every token id exactly once")
+    full = torch.cat([s.topk_logprobs for s in scores]).gather(1, order).double() / temperature  # column = id
+    full = torch.log_softmax(full, dim=1).float()
+    tokens = torch.tensor([t for response in responses for t in response], dtype=torch.long)
+    lengths = [len(r) for r in responses]
+    logprobs = full[torch.arange(len(tokens)), tokens].split(lengths)
+    topk_logprobs = full.gather(1, top_ids).split(lengths)
+    for s, lp, top in zip(scores, logprobs, topk_logprobs):
+        s.logprobs, s.topk_logprobs = lp, top
 
 
 def _one(body: Any) -> Any:

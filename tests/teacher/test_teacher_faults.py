@@ -189,3 +189,19 @@ def test_full_distribution_is_rescaled_exactly_to_t(engine_and_hf):
     plain = asyncio.run(t1.ascore(IDS, 13))
     assert plain.temperature == 1.0 and (plain.logprobs - scores.logprobs).abs().max() > 1e-3
     t1.close()
+
+
+def test_a_batch_is_rescaled_per_sample(engine_and_hf):
+    """The rescale runs once over a whole coalesced batch: each sample still gets exactly its own rows."""
+    handle, hf = engine_and_hf
+    t = teacher(handle.url, top_logprobs_num=1000, temperature=0.7, coalesce_ms=50)
+    items = [(IDS, 13), (IDS[:7], 3), ([5, 900, 31, 444], 2), (IDS[:12], 1)]
+    batched = asyncio.run(t.ascore_many(items))
+    assert t._coalescer.batches_sent == 1
+    for (ids, r), scores in zip(items, batched):
+        ref, p = _hf_lp(hf, ids, 0.7), len(ids) - r
+        want = torch.tensor([ref[p - 1 + j, ids[p + j]].item() for j in range(r)])
+        assert scores.logprobs.shape == (r,) and (scores.logprobs - want).abs().max() <= 1e-5
+        dense = torch.full((r, 1000), float("nan")).scatter_(1, scores.topk_ids, scores.topk_logprobs)
+        assert (dense - ref[p - 1:p - 1 + r].float()).abs().max() <= 1e-5
+    t.close()

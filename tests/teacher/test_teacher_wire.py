@@ -143,3 +143,32 @@ def test_bad_entries_are_clear_errors():
     top[10] = None
     with pytest.raises(ValueError, match="top_logprobs_num > 0"):
         response_topk_from_sglang(top, prompt_len=8, response_len=16, logprob_start_len=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (True, "logprob must be a number"),                 # a bool is an int to Python, never a log-prob
+    ("-1.5", "logprob must be a number"),
+    ({"0": -1.0}, "expected a \\[logprob, token_id, text\\] triple"),
+])
+def test_entries_the_fast_path_must_not_accept(bad, message):
+    """The bulk conversion takes only real numbers in well-formed triples; anything else reaches the per-entry
+    checks, which name the position (bool -> 1.0 or "-1.5" -> -1.5 would otherwise pass silently)."""
+    entries = copy.deepcopy(meta("score_single_start0")["input_token_logprobs"])
+    entries[5] = bad if isinstance(bad, dict) else [bad, entries[5][1], None]
+    with pytest.raises(ValueError, match=r"response token 2 \(input_token_logprobs\[5\]\).*" + message):
+        response_logprobs_from_sglang(entries, prompt_len=3, response_len=21, logprob_start_len=0)
+    top = copy.deepcopy(meta("score_top_logprobs")["input_top_logprobs"])
+    top[10][3] = [top[10][3][0], bad, None] if not isinstance(bad, dict) else bad
+    with pytest.raises(ValueError, match=r"response token 2 \(input_top_logprobs\[10\]\)\[3\]"):
+        response_topk_from_sglang(top, prompt_len=8, response_len=16, logprob_start_len=0)
+
+
+def test_fast_path_equals_per_entry_reading():
+    top = meta("score_top_logprobs")["input_top_logprobs"]
+    ids, vals = response_topk_from_sglang(top, prompt_len=8, response_len=16, logprob_start_len=0)
+    assert ids.dtype == torch.int64 and vals.dtype == torch.float32 and ids.shape == vals.shape == (16, 5)
+    assert ids.tolist() == [[e[1] for e in row] for row in top[8:]]             # the span: positions 8..23
+    assert torch.equal(vals, torch.tensor([[e[0] for e in row] for row in top[8:]], dtype=torch.float32))
+    as_tuples = [None] + [tuple(tuple(e) for e in row) for row in top[1:]]      # tuples read the same
+    ids_t, vals_t = response_topk_from_sglang(as_tuples, prompt_len=8, response_len=16, logprob_start_len=0)
+    assert torch.equal(ids_t, ids) and torch.equal(vals_t, vals)
