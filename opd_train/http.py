@@ -279,9 +279,9 @@ class Coalescer:
     ~1-2 ms of client + server CPU, as much as a whole batched forward of a tiny model.
 
     Callers on other event loops cost one thread hop per burst, not per item: items go into a locked inbox that
-    the client's loop drains on one wake-up, and a batch's results go back to each calling loop in one call (a
-    step of the toy experiment submits 512 samples; a hop each way per sample was ~40% of the rollout actor's
-    CPU time).
+    the client's loop drains on one wake-up, and a batch's results go back to each calling loop in one call. A
+    step of the toy experiment submits 512 samples; with a hop each way per sample the rollout actor spent 0.49 s
+    of CPU per step, 0.21 s without (busy 2-core box).
     """
 
     def __init__(self, http: AsyncHTTP, send: Callable[[Any, list], Any], *, window_ms: float = 2.0,
