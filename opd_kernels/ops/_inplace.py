@@ -22,7 +22,6 @@ import torch
 from .. import _backend
 from . import _checks, _rows
 
-INPLACE_KERNELS = ("logprob_fwd_inplace", "logprob_bwd_inplace", "kl_fwd_inplace", "kl_bwd_inplace")
 _BLOCK_ELEMENTS = 1 << 20  # elements per row block of the combined (log-prob + KL) gradient: one ~4 MiB temporary
 
 
