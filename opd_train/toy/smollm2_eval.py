@@ -6,8 +6,9 @@ For each held-out prompt (chat template applied, as in training):
   samples (T = 1, seeded): what OPD minimises, measured where the student goes;
 - ``kl_teacher_text``: the same on the teacher's greedy continuations, teacher-forced. A student cannot lower it by
   answering differently (say, in one token): it measures how close its distribution is where the teacher goes;
-- ``agreement``: the share of prompts whose greedy answer (decoded, stripped) equals the teacher's; with
-  ``first_token_agreement`` and ``common_prefix`` (leading tokens equal to the teacher's) as finer views.
+- ``agreement``: the share of prompts whose greedy answer equals the teacher's greedy answer, token for token up
+  to and including the end-of-turn token (both cut at the same length limit); with ``first_token_agreement`` and
+  ``common_prefix`` (leading tokens equal to the teacher's) as finer views.
 
 Each mean counts the response tokens up to and including the end-of-turn token.
 """
@@ -111,7 +112,7 @@ def evaluate(student, teacher, tokenizer, prompts: list[list[int]], teacher_text
     n = max(len(prompts), 1)
     return {"kl": mean_kl(student, teacher, prompts, own),
             "kl_teacher_text": mean_kl(student, teacher, prompts, teacher_text),
-            "agreement": sum(a == b for a, b in zip(answers, teacher_answers)) / n,
+            "agreement": sum(g == t for g, t in zip(greedy, teacher_text)) / n,
             "first_token_agreement": sum(g[:1] == t[:1] for g, t in zip(greedy, teacher_text)) / n,
             "common_prefix": sum(_common_prefix(g, t) for g, t in zip(greedy, teacher_text)) / n,
             "examples": [{"student": a, "teacher": b} for a, b in list(zip(answers, teacher_answers))[:4]]}

@@ -1,7 +1,7 @@
 """Prompts of the prune-and-heal experiment, generated locally (no dataset download), with a held-out split.
 
-Short questions an instruction-tuned 135M model answers in a few words: arithmetic, capitals, opposites, colours,
-spelling and one-sentence instructions. A prompt is held out by a fixed hash of its text (~20%), so the split does
+Short questions the teacher answers in a few tokens and then ends its turn: sums, capitals, first and last
+letters, animals' legs. A prompt is held out by a fixed hash of its text (~20%), so the split does
 not depend on the order or on the number of prompts drawn.
 """
 from __future__ import annotations
@@ -17,27 +17,27 @@ CAPITALS = {"France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "M
             "Austria": "Vienna", "Kenya": "Nairobi", "Peru": "Lima", "Cuba": "Havana", "India": "New Delhi",
             "Mexico": "Mexico City", "Turkey": "Ankara", "Chile": "Santiago", "Finland": "Helsinki"}
 WORDS = ["hot", "big", "fast", "happy", "light", "early", "open", "full", "hard", "young", "rich", "strong",
-         "high", "wet", "loud", "clean", "thick", "sweet", "near", "old"]
-THINGS = ["the sky", "grass", "snow", "a banana", "a tomato", "coal", "the sun", "an orange", "milk", "a lemon"]
-TOPICS = ["the ocean", "a cat", "winter", "music", "the moon", "trees", "rain", "a train", "bread", "friendship",
-          "mountains", "a library", "coffee", "the city", "birds"]
+         "high", "wet", "loud", "clean", "thick", "sweet", "near", "old", "good", "dark", "cold", "tall", "apple",
+         "house", "river", "green", "table", "music", "water", "paper", "money", "bread", "chair", "phone",
+         "pencil", "garden", "window", "orange", "summer", "winter", "friend", "school", "doctor", "yellow"]
+ANIMALS = ["dog", "cat", "spider", "bird", "horse", "ant", "cow", "chicken", "snake", "fish", "duck", "sheep",
+           "goat", "pig", "bee", "frog", "lion", "crab"]
+# Each family gets answers of a few tokens ending with the end-of-turn token from the teacher (probed: "29 + 14 =
+# 31", "The capital of Spain is Madrid.", "The first letter of 'big' is 'B'.", "A dog has four legs."), so the
+# exact agreement of greedy answers is a reachable measure. Whether the teacher is right does not matter: the
+# student learns the teacher. Families that the teacher answers at length (times, minus, colours, rhymes) are out.
 TEMPLATES = [
-    lambda r: f"What is {r.randint(2, 30)} plus {r.randint(2, 30)}?",
-    lambda r: f"What is {r.randint(2, 12)} times {r.randint(2, 12)}?",
-    lambda r: f"What is {r.randint(20, 60)} minus {r.randint(1, 19)}?",
+    lambda r: f"What is {r.randint(2, 40)} plus {r.randint(2, 40)}?",
     lambda r: f"What is the capital of {r.choice(list(CAPITALS))}?",
-    lambda r: f"What is the opposite of '{r.choice(WORDS)}'?",
-    lambda r: f"What color is {r.choice(THINGS)}?",
-    lambda r: f"Spell the word '{r.choice(WORDS)}' backwards.",
-    lambda r: f"Write one short sentence about {r.choice(TOPICS)}.",
-    lambda r: f"Give one word that rhymes with '{r.choice(WORDS)}'.",
+    lambda r: f"What is the first letter of '{r.choice(WORDS)}'?",
+    lambda r: f"What is the last letter of '{r.choice(WORDS)}'?",
+    lambda r: f"How many legs does a {r.choice(ANIMALS)} have?",
 ]
 
 
 # The system turn of every prompt (teacher, student, training and evaluation alike). SmolLM2's template would
-# otherwise insert its own 20-token default; this one is shorter and asks for the short answers a 16-token
-# response budget can hold.
-SYSTEM = "Answer briefly."
+# otherwise insert its own 20-token default; this one is shorter and makes the teacher's answers short.
+SYSTEM = "Reply with one word or number only."
 
 
 def messages(prompt: str) -> list[dict]:
