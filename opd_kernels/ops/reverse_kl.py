@@ -202,8 +202,8 @@ def kl_grad_inplace_(student: torch.Tensor, teacher: torch.Tensor, grad_kl: torc
     lse_s, lse_t, KL [...] (float64 for full accuracy); with ``tokens`` and ``grad_logp``, PLUS the token_logprobs
     gradient (grad_logp (onehot - p_s) - grad_entropy p_s (log p_s + entropy)) / T of the same logits (lse =
     lse_s): the whole gradient of grad_logp * logp + grad_entropy * entropy + grad_kl * KL. The combined form runs
-    in row blocks of ~4 MiB with one block-sized temporary (the log-prob part), never an [N, V] one. ``sharded``:
-    the teacher is this rank's shard (no padded-teacher check). Returns ``student``."""
+    in row blocks of up to 64 MiB with one block-sized temporary (the log-prob part), never an [N, V] one.
+    ``sharded``: the teacher is this rank's shard (no padded-teacher check). Returns ``student``."""
     _checks.logits(student, "student_logits")
     teacher = _checks.pair(student, teacher, "student_logits", "teacher_logits", sharded=sharded)
     f64 = [_inplace.per_row64(t, student, n) for t, n in ((lse_s, "lse_s"), (lse_t, "lse_t"), (kl, "kl"))]

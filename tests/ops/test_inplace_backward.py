@@ -174,10 +174,14 @@ def test_no_gradient_needed_leaves_the_buffer_alone(gen):
     assert torch.equal(x, before)
 
 
-def test_low_level_functions_equal_the_backwards(backend, gen):
+@pytest.mark.parametrize("block_rows", [None, 2], ids=["one_block", "blocks_of_2_rows"])
+def test_low_level_functions_equal_the_backwards(backend, gen, block_rows, monkeypatch):
     """The no-autograd pieces for a chunk: fwd_grad_ (one pass, upstream known) and grad_inplace_ (global scalars,
-    entropy gradient and the combined log-prob + KL form included) equal the default backwards."""
+    entropy gradient and the combined log-prob + KL form included, in one row block or several) equal the default
+    backwards."""
     n, vocab = 6, 3001
+    if block_rows is not None:
+        monkeypatch.setattr(_inplace, "_BLOCK_ELEMENTS", block_rows * vocab)
     x = logits((n, vocab), torch.float32, gen, "peaked", backend.device)
     teacher, tokens = near_teacher(x, gen, 0.5), tokens_for(x, gen)
     tokens[2] = -100
