@@ -164,6 +164,11 @@ class TrainConfig:
     actor_num_gpus_per_node: int = opt(1, "trainer processes per node (one GPU each on GPU machines; CPU "
                                           "processes otherwise); data parallel = total / TP")
     max_tokens_per_gpu: int = opt(4096, "token budget of one packed micro-batch")
+    fused_output_layer: bool = opt(True, "output layer + log-probs / entropy / KL fused and chunked over tokens "
+                                         "(no [tokens, vocab] logits or gradient); --no-fused-output-layer "
+                                         "materialises the logits (same results)")
+    fused_linear_chunk_tokens: int | None = opt(None, "token rows per chunk of the fused output layer (default: "
+                                                      "the most with rows * vocab / TP * 4 bytes <= 64 MiB)")
 
 
 @dataclass(frozen=True)

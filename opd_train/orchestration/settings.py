@@ -52,7 +52,8 @@ def trainer_settings(c: Config, save_dir: str) -> TrainerSettings:
         model=ModelSource(hf_path=m.hf_checkpoint), parallel=ParallelSettings(t.tensor_model_parallel_size),
         optimizer=optimizer_settings(c, t.lr, total), precision=PrecisionSettings("bf16" if m.bf16 else "fp32"),
         checkpoint=CheckpointSettings(load=c.checkpoint.load, save=save_dir, no_load_optim=c.checkpoint.no_load_optim),
-        batching=BatchingSettings(t.max_tokens_per_gpu), reference=ref, teacher=teacher, opd=opd_settings(c.plan),
+        batching=BatchingSettings(t.max_tokens_per_gpu, t.fused_output_layer, t.fused_linear_chunk_tokens),
+        reference=ref, teacher=teacher, opd=opd_settings(c.plan),
         critic=critic, temperature=c.rollout.rollout_temperature, seed=t.seed)
 
 

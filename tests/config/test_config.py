@@ -223,6 +223,8 @@ INVALID = [
     (["--rm-type", "exact_match", "--rollout-batch-size", "0"], "--rollout-batch-size must be >= 1, got 0"),
     (["--rm-type", "exact_match", "--num-rollout", "0"], "--num-rollout must be >= 1, got 0"),
     (["--rm-type", "exact_match", "--rollout-max-response-len", "0"], "--rollout-max-response-len must be >= 1, got 0"),
+    (["--rm-type", "exact_match", "--fused-linear-chunk-tokens", "0"],
+     "--fused-linear-chunk-tokens must be >= 1 (or left out for the 64 MiB default), got 0"),
     (["--rm-type", "exact_match", "--rollout-temperature", "0"],
      "--rollout-temperature must be > 0 for training rollouts (log-probs of logits / T), got 0.0"),
     (["--rm-type", "exact_match", "--rollout-top-p", "0"],
@@ -365,3 +367,14 @@ def test_an_unwarmed_high_learning_rate_gets_a_notice():
     assert any("--lr-warmup-iters" in n for n in notices(build_config({"lr": 1e-3})))
     assert not notices(build_config({"lr": 1e-3, "lr_warmup_iters": 20}))
     assert not notices(build_config({}))                      # slime's default lr 1e-6
+
+
+def test_fused_output_layer_flags_reach_the_trainer_settings(env):
+    """--no-fused-output-layer / --fused-linear-chunk-tokens are read once and land in BatchingSettings."""
+    from opd_train.orchestration.settings import trainer_settings
+    base = env["base"] + ["--rm-type", "exact_match"]
+    default = trainer_settings(check(base), "/tmp/save").batching
+    assert default.fused_output_layer is True and default.fused_linear_chunk_tokens is None
+    chosen = trainer_settings(check(base + ["--no-fused-output-layer", "--fused-linear-chunk-tokens", "64"]),
+                              "/tmp/save").batching
+    assert chosen.fused_output_layer is False and chosen.fused_linear_chunk_tokens == 64
