@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -155,10 +154,7 @@ def markdown(record: dict) -> str:
 
 
 def write(record: dict, stem: Path) -> list[Path]:
-    paths = [stem.parent / (stem.name + ".json"), stem.parent / (stem.name + ".md")]
-    paths[0].write_text(json.dumps(record, indent=1) + "\n")
-    paths[1].write_text(markdown(record))
-    return paths
+    return common.write_record(record, stem, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:

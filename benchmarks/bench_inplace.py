@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import statistics
 import sys
@@ -57,6 +56,27 @@ def inplace_fn(backend: str, op: str, inputs: impls.Inputs):
                 out = opd_kernels.reverse_kl(leaf, inputs.teacher, inplace_backward=True)
         return torch.autograd.grad(out, leaf, inputs.grad_out)[0]
     return run
+
+
+def pytest_case(benchmark, cache, shape, op: str, rounds: int) -> None:
+    """pytest-benchmark of ``op``'s in-place fwd+bwd (cpp on CPU, cuda on GPU); the logits refilled before each
+    round (the call overwrites them)."""
+    import pytest
+    backend = "cpp" if cache.device.type == "cpu" else "cuda"
+    if (reason := impls.unavailable_reason(backend, cache.device)) is not None:
+        pytest.skip(reason)
+    inputs = cache.get(*shape, with_teacher=True)
+    original = inputs.student.clone()
+    fn = inplace_fn(backend, op, inputs)
+    try:
+        def refill():  # returns None: pedantic's setup may not pass arguments to fn
+            inputs.student.copy_(original)
+            common.synchronize(original.device)
+        benchmark.pedantic(fn, setup=refill, rounds=rounds, warmup_rounds=1)
+    finally:
+        inputs.student.copy_(original)
+    benchmark.extra_info.update(op=op, mode="fwd+bwd", T=shape[0], V=shape[1], dtype=shape[2],
+                                backend=f"{backend}-inplace")
 
 
 def case_fn(impl: str, op: str, inputs: impls.Inputs):
@@ -208,10 +228,7 @@ def markdown(record: dict) -> str:
 
 
 def write(record: dict, stem: Path) -> list[Path]:
-    paths = [stem.parent / (stem.name + ".json"), stem.parent / (stem.name + ".md")]
-    paths[0].write_text(json.dumps(record, indent=1) + "\n")
-    paths[1].write_text(markdown(record))
-    return paths
+    return common.write_record(record, stem, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,8 @@ test_reverse_kl_inplace: fwd+bwd with inplace_backward=True (the logits buffer i
 the timing; benchmarks/bench_inplace.py compares it with the other paths, interleaved with other allocations).
 """
 import pytest
-import torch
 
-from benchmarks import bench_inplace, impls
+from benchmarks import bench_inplace
 from benchmarks.common import MODES
 
 OP = "reverse_kl"
@@ -20,19 +19,4 @@ def test_reverse_kl(run_case, mode, shape, impl):
 
 
 def test_reverse_kl_inplace(benchmark, _inputs, shape, request):
-    backend = "cpp" if _inputs.device.type == "cpu" else "cuda"
-    if (reason := impls.unavailable_reason(backend, _inputs.device)) is not None:
-        pytest.skip(reason)
-    inputs = _inputs.get(*shape, with_teacher=True)
-    original = inputs.student.clone()
-    fn = bench_inplace.inplace_fn(backend, OP, inputs)
-    try:
-        def refill():  # returns None: pedantic's setup may not pass arguments to fn
-            inputs.student.copy_(original)
-            if original.is_cuda:
-                torch.cuda.synchronize()
-        benchmark.pedantic(fn, setup=refill, rounds=request.config.getoption("--bench-rounds"), warmup_rounds=1)
-    finally:
-        inputs.student.copy_(original)
-    benchmark.extra_info.update(op=OP, mode="fwd+bwd", T=shape[0], V=shape[1], dtype=shape[2],
-                                backend=f"{backend}-inplace")
+    bench_inplace.pytest_case(benchmark, _inputs, shape, OP, request.config.getoption("--bench-rounds"))

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -349,3 +350,11 @@ def today() -> str:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def write_record(record: dict, stem: Path, markdown: Callable[[dict], str]) -> list[Path]:
+    """``stem``.json (the record) and ``stem``.md (``markdown(record)``); returns both paths."""
+    paths = [stem.parent / (stem.name + ".json"), stem.parent / (stem.name + ".md")]
+    paths[0].write_text(json.dumps(record, indent=1) + "\n")
+    paths[1].write_text(markdown(record))
+    return paths
