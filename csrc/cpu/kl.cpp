@@ -97,18 +97,20 @@ inline void kl_bwd_row(const S* xs, const U* xt, S* out, int64_t V, float inv_t,
   }
 }
 
-at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
-                  const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+// The backward's checks and row loop, rows written to out (its own row stride): a fresh [N, V] tensor (kl_bwd) or
+// the student's rows themselves (kl_bwd_inplace; kl_bwd_row reads each element before writing it).
+static void kl_bwd_into(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl,
+                        const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature,
+                        at::Tensor& out) {
   check_rows(xs, "student");
   check_rows(xt, "teacher");
   check_same_rows(xs, xt);
   check_inv_temperature(inv_temperature);
-  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
+  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0), so = out.stride(0);
   check_row_vector(grad_kl, N, at::kFloat, xs, "grad_kl");
   check_row_vector(lse_s, N, at::kDouble, xs, "lse_s");
   check_row_vector(lse_t, N, at::kDouble, xs, "lse_t");
   check_row_vector(kl, N, at::kDouble, xs, "kl");
-  at::Tensor grad = empty_grad(N, V, xs.options());
   const float* g = grad_kl.const_data_ptr<float>();
   const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
   const double* k = kl.const_data_ptr<double>();
@@ -118,19 +120,23 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
     using U = decltype(t_tag);
     const S* bs = xs.const_data_ptr<S>();
     const U* bt = xt.const_data_ptr<U>();
-    S* out = grad.data_ptr<S>();
+    S* bo = out.data_ptr<S>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        kl_bwd_row(bs + r * ss, bt + r * st, out + r * V, V, inv_t, g[r], ls[r], lt[r], k[r]);
+        kl_bwd_row(bs + r * ss, bt + r * st, bo + r * so, V, inv_t, g[r], ls[r], lt[r], k[r]);
       }
     });
   });
+}
+
+at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
+                  const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+  check_rows(xs, "student");
+  at::Tensor grad = empty_grad(xs.size(0), xs.size(1), xs.options());
+  kl_bwd_into(xs, xt, grad_kl, lse_s, lse_t, kl, inv_temperature, grad);
   return grad;
 }
 
-// kl_fwd, then the student row overwritten with its gradient grad_kl[r] * inv_t p_s (log p_s - log p_t - KL) from
-// the row's own scalars: both rows stream from memory once and are re-read from cache. The forward values are
-// computed for every row; a row with grad_kl == 0 gets exact zeros (kl_bwd_row).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd_inplace(at::Tensor xs, const at::Tensor& xt,
                                                               const std::optional<at::Tensor>& grad_kl,
                                                               double inv_temperature) {
@@ -169,30 +175,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd_inplace(at::Tensor xs, con
 void kl_bwd_inplace(at::Tensor xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
                     const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
   check_rows(xs, "student");
-  check_rows(xt, "teacher");
-  check_same_rows(xs, xt);
   check_writable_rows(xs, "student");
-  check_inv_temperature(inv_temperature);
-  const int64_t N = xs.size(0), V = xs.size(1), ss = xs.stride(0), st = xt.stride(0);
-  check_row_vector(grad_kl, N, at::kFloat, xs, "grad_kl");
-  check_row_vector(lse_s, N, at::kDouble, xs, "lse_s");
-  check_row_vector(lse_t, N, at::kDouble, xs, "lse_t");
-  check_row_vector(kl, N, at::kDouble, xs, "kl");
-  const float* g = grad_kl.const_data_ptr<float>();
-  const double *ls = lse_s.const_data_ptr<double>(), *lt = lse_t.const_data_ptr<double>();
-  const double* k = kl.const_data_ptr<double>();
-  const float inv_t = float(inv_temperature);
-  dispatch_pair(xs.scalar_type(), xt.scalar_type(), [&](auto s_tag, auto t_tag) {
-    using S = decltype(s_tag);
-    using U = decltype(t_tag);
-    S* bs = xs.data_ptr<S>();
-    const U* bt = xt.const_data_ptr<U>();
-    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        kl_bwd_row(bs + r * ss, bt + r * st, bs + r * ss, V, inv_t, g[r], ls[r], lt[r], k[r]);
-      }
-    });
-  });
+  kl_bwd_into(xs, xt, grad_kl, lse_s, lse_t, kl, inv_temperature, xs);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> opd_full_fwd(const at::Tensor& xs, const at::Tensor& xt,

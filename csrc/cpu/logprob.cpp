@@ -96,34 +96,35 @@ inline void logprob_bwd_row(const T* x, T* out, int64_t V, float inv_t, double l
   }
 }
 
-at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
-                       const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
-                       const at::Tensor& entropy, double inv_temperature, int64_t vocab_start, int64_t ignore_index) {
+// The backward's checks and row loop, rows written to out (its own row stride): a fresh [N, V] tensor
+// (logprob_bwd) or the logits' rows themselves (logprob_bwd_inplace; see logprob_bwd_row on aliasing).
+static void logprob_bwd_into(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                             const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
+                             const at::Tensor& entropy, double inv_temperature, int64_t vocab_start,
+                             int64_t ignore_index, at::Tensor& out) {
   check_rows(x, "logits");
   check_inv_temperature(inv_temperature);
-  const int64_t N = x.size(0), V = x.size(1), stride = x.stride(0);
+  const int64_t N = x.size(0), V = x.size(1), stride = x.stride(0), out_stride = out.stride(0);
   check_row_vector(tokens, N, at::kLong, x, "tokens");
   check_row_vector(grad_logp, N, at::kFloat, x, "grad_logp");
   check_row_vector(lse, N, at::kDouble, x, "lse");
-  const bool has_entropy = grad_entropy.has_value();
-  if (has_entropy) {
+  if (grad_entropy) {
     check_row_vector(*grad_entropy, N, at::kFloat, x, "grad_entropy");
     check_row_vector(entropy, N, at::kFloat, x, "entropy");
   }
-  at::Tensor grad = empty_grad(N, V, x.options());
   const int64_t* tok = tokens.const_data_ptr<int64_t>();
   const float* g = grad_logp.const_data_ptr<float>();
   const double* ls = lse.const_data_ptr<double>();
-  const float* ge = has_entropy ? grad_entropy->const_data_ptr<float>() : nullptr;
-  const float* en = has_entropy ? entropy.const_data_ptr<float>() : nullptr;
+  const float* ge = grad_entropy ? grad_entropy->const_data_ptr<float>() : nullptr;
+  const float* en = grad_entropy ? entropy.const_data_ptr<float>() : nullptr;
   const float inv_t = float(inv_temperature);
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* base = x.const_data_ptr<T>();
-    T* out = grad.data_ptr<T>();
+    T* out_base = out.data_ptr<T>();
     at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        T* out_row = out + r * V;
+        T* out_row = out_base + r * out_stride;
         if (tok[r] == ignore_index) {
           std::memset(static_cast<void*>(out_row), 0, sizeof(T) * V);  // +0 in every float format
           continue;
@@ -133,6 +134,15 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
       }
     });
   });
+}
+
+at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                       const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
+                       const at::Tensor& entropy, double inv_temperature, int64_t vocab_start, int64_t ignore_index) {
+  check_rows(x, "logits");
+  at::Tensor grad = empty_grad(x.size(0), x.size(1), x.options());
+  logprob_bwd_into(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index,
+                   grad);
   return grad;
 }
 
@@ -189,36 +199,7 @@ void logprob_bwd_inplace(at::Tensor x, const at::Tensor& tokens, const at::Tenso
                          int64_t ignore_index) {
   check_rows(x, "logits");
   check_writable_rows(x, "logits");
-  check_inv_temperature(inv_temperature);
-  const int64_t N = x.size(0), V = x.size(1), stride = x.stride(0);
-  check_row_vector(tokens, N, at::kLong, x, "tokens");
-  check_row_vector(grad_logp, N, at::kFloat, x, "grad_logp");
-  check_row_vector(lse, N, at::kDouble, x, "lse");
-  if (grad_entropy) {
-    check_row_vector(*grad_entropy, N, at::kFloat, x, "grad_entropy");
-    check_row_vector(entropy, N, at::kFloat, x, "entropy");
-  }
-  const int64_t* tok = tokens.const_data_ptr<int64_t>();
-  const float* g = grad_logp.const_data_ptr<float>();
-  const double* ls = lse.const_data_ptr<double>();
-  const float* ge = grad_entropy ? grad_entropy->const_data_ptr<float>() : nullptr;
-  const float* en = grad_entropy ? entropy.const_data_ptr<float>() : nullptr;
-  const float inv_t = float(inv_temperature);
-  dispatch_float(x.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    T* base = x.data_ptr<T>();
-    at::parallel_for(0, N, grain(V), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        T* row = base + r * stride;
-        if (tok[r] == ignore_index) {
-          std::memset(static_cast<void*>(row), 0, sizeof(T) * V);
-          continue;
-        }
-        logprob_bwd_row(row, row, V, inv_t, ls[r], g[r], ge ? ge[r] : 0.f, en ? en[r] : 0.f,
-                        owned_column(tok[r], vocab_start, V, ignore_index));
-      }
-    });
-  });
+  logprob_bwd_into(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index, x);
 }
 
 // x[r, :] *= scale[r] (fp32 product, one rounding to x's dtype): the in-place backward's per-row scale. PyTorch's

@@ -106,9 +106,12 @@ Triple logprob_fwd(const at::Tensor& x, const at::Tensor& tokens, double inv_tem
   return {logp, ent, lse};
 }
 
-at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
-                       const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse, const at::Tensor& entropy,
-                       double inv_temperature, int64_t vocab_start, int64_t ignore_index) {
+// The backward's checks and launch, rows written to out (its own row stride): a fresh [N, V] tensor
+// (logprob_bwd) or the logits' rows themselves (logprob_bwd_inplace: the kernel reads each element before writing).
+static void logprob_bwd_into(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                             const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
+                             const at::Tensor& entropy, double inv_temperature, int64_t vocab_start,
+                             int64_t ignore_index, const at::Tensor& out) {
   const int64_t n = check_logits(x, "logits"), v = x.size(1);
   const float inv_t = checked_inv_t(inv_temperature);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -120,11 +123,18 @@ at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::
     ge = per_row(*grad_entropy, n, at::kFloat, x, "grad_entropy");
     ent = per_row(entropy, n, at::kFloat, x, "entropy");
   }
-  at::Tensor grad = at::empty({n, v}, x.options());
-  if (grad.numel() == 0) return grad;
+  if (out.numel() == 0) return;
   C10_CUDA_CHECK(opd_cuda::logprob_bwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), g.data_ptr<float>(),
                                        ptr_or_null<float>(ge), l.data_ptr<double>(), ptr_or_null<float>(ent), inv_t,
-                                       vocab_start, ignore_index, grad.data_ptr(), v, stream()));
+                                       vocab_start, ignore_index, out.data_ptr(), out.stride(0), stream()));
+}
+
+at::Tensor logprob_bwd(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& grad_logp,
+                       const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse, const at::Tensor& entropy,
+                       double inv_temperature, int64_t vocab_start, int64_t ignore_index) {
+  at::Tensor grad = at::empty({check_logits(x, "logits"), x.size(1)}, x.options());
+  logprob_bwd_into(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index,
+                   grad);
   return grad;
 }
 
@@ -133,22 +143,9 @@ void logprob_bwd_inplace(at::Tensor x, const at::Tensor& tokens, const at::Tenso
                          const std::optional<at::Tensor>& grad_entropy, const at::Tensor& lse,
                          const at::Tensor& entropy, double inv_temperature, int64_t vocab_start,
                          int64_t ignore_index) {
-  const int64_t n = check_logits(x, "logits"), v = x.size(1);
+  check_logits(x, "logits");
   check_writable_rows(x, "logits");
-  const float inv_t = checked_inv_t(inv_temperature);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor tok = per_row(tokens, n, at::kLong, x, "tokens");
-  const at::Tensor g = per_row(grad_logp, n, at::kFloat, x, "grad_logp");
-  const at::Tensor l = per_row(lse, n, at::kDouble, x, "lse");
-  at::Tensor ge, ent;
-  if (grad_entropy.has_value()) {
-    ge = per_row(*grad_entropy, n, at::kFloat, x, "grad_entropy");
-    ent = per_row(entropy, n, at::kFloat, x, "entropy");
-  }
-  if (x.numel() == 0) return;
-  C10_CUDA_CHECK(opd_cuda::logprob_bwd(rows_of(x), n, v, tok.data_ptr<int64_t>(), g.data_ptr<float>(),
-                                       ptr_or_null<float>(ge), l.data_ptr<double>(), ptr_or_null<float>(ent), inv_t,
-                                       vocab_start, ignore_index, x.data_ptr(), x.stride(0), stream()));
+  logprob_bwd_into(x, tokens, grad_logp, grad_entropy, lse, entropy, inv_temperature, vocab_start, ignore_index, x);
 }
 
 // logprob_fwd, then the logits overwritten with grad_logp * inv_t (onehot - p) from the shard's own lse. Two
@@ -186,8 +183,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_fwd(const at::Tens
   return {kl, lse_s, lse_t, logp};
 }
 
-at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
-                  const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+// The backward's checks and launch, rows written to out (its own row stride): a fresh [N, V] tensor (kl_bwd)
+// or the student's rows themselves (kl_bwd_inplace).
+static void kl_bwd_into(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl,
+                        const at::Tensor& lse_s, const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature,
+                        const at::Tensor& out) {
   const int64_t n = check_pair(xs, xt), v = xs.size(1);
   const float inv_t = checked_inv_t(inv_temperature);
   const c10::cuda::CUDAGuard guard(xs.device());
@@ -195,28 +195,25 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   const at::Tensor ls = per_row(lse_s, n, at::kDouble, xs, "lse_s");
   const at::Tensor lt = per_row(lse_t, n, at::kDouble, xs, "lse_t");
   const at::Tensor k = per_row(kl, n, at::kDouble, xs, "kl");
-  at::Tensor grad = at::empty({n, v}, xs.options());
-  if (grad.numel() == 0) return grad;
+  if (out.numel() == 0) return;
   C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<double>(),
-                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, grad.data_ptr(), v, stream()));
+                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, out.data_ptr(), out.stride(0),
+                                  stream()));
+}
+
+at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
+                  const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
+  at::Tensor grad = at::empty({check_pair(xs, xt), xs.size(1)}, xs.options());
+  kl_bwd_into(xs, xt, grad_kl, lse_s, lse_t, kl, inv_temperature, grad);
   return grad;
 }
 
 // kl_bwd written into the student's own rows (no [N, V] allocation).
 void kl_bwd_inplace(at::Tensor xs, const at::Tensor& xt, const at::Tensor& grad_kl, const at::Tensor& lse_s,
                     const at::Tensor& lse_t, const at::Tensor& kl, double inv_temperature) {
-  const int64_t n = check_pair(xs, xt), v = xs.size(1);
+  check_pair(xs, xt);
   check_writable_rows(xs, "student logits");
-  const float inv_t = checked_inv_t(inv_temperature);
-  const c10::cuda::CUDAGuard guard(xs.device());
-  const at::Tensor g = per_row(grad_kl, n, at::kFloat, xs, "grad_kl");
-  const at::Tensor ls = per_row(lse_s, n, at::kDouble, xs, "lse_s");
-  const at::Tensor lt = per_row(lse_t, n, at::kDouble, xs, "lse_t");
-  const at::Tensor k = per_row(kl, n, at::kDouble, xs, "kl");
-  if (xs.numel() == 0) return;
-  C10_CUDA_CHECK(opd_cuda::kl_bwd(rows_of(xs), rows_of(xt), n, v, g.data_ptr<float>(), ls.data_ptr<double>(),
-                                  lt.data_ptr<double>(), k.data_ptr<double>(), inv_t, xs.data_ptr(), xs.stride(0),
-                                  stream()));
+  kl_bwd_into(xs, xt, grad_kl, lse_s, lse_t, kl, inv_temperature, xs);
 }
 
 // kl_fwd, then the student overwritten with its gradient (two launches, as logprob_fwd_inplace).

@@ -292,16 +292,32 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
                              kl.view(shape) if kind else None)
 
 
+class FusedOPDAdvantages(NamedTuple):
+    advantages: torch.Tensor        # [...] as OPDAdvantages
+    kl: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor | None  # [...] fp32 log p_T(token): the input (k1/k2/k3), from the teacher's
+    #                                        chunk logits (full: computed once for both), None (topk: not in the rows)
+
+
+def _teacher_token_logprobs(zt: torch.Tensor, tok: torch.Tensor, temperature: float, group) -> torch.Tensor:
+    if group is None:
+        return token_logprobs_fwd(zt, tok, temperature, 0, zt.shape[1], -100, False)[0]
+    return sharded_logprobs(zt, tok, temperature, -100, False, group)[0]
+
+
 @torch.no_grad()
 def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                                 advantages: torch.Tensor, *, teacher_logprobs: torch.Tensor | None = None,
                                 teacher: LinearTeacher | TopKTeacher | None = None, kl: str = "k1",
                                 coef: float = 1.0, temperature: float = 1.0, mask: torch.Tensor | None = None,
-                                chunk_size: int | None = None, process_group=None) -> OPDAdvantages:
+                                chunk_size: int | None = None, process_group=None) -> FusedOPDAdvantages:
     """``opd_advantages`` of the logits ``hidden @ weight.T``, one chunk of rows at a time (no gradients).
 
     ``kl``: "k1" / "k2" / "k3" with ``teacher_logprobs`` [...]; "full" with a :class:`LinearTeacher`; "topk" with a
-    :class:`TopKTeacher`. Other arguments as in :func:`fused_linear_logprobs` and ``opd_advantages``."""
+    :class:`TopKTeacher`. Other arguments as in :func:`fused_linear_logprobs` and ``opd_advantages``. With a
+    :class:`LinearTeacher` the teacher's token log-probs (tokens of -100 give 0) come from the chunk logits that the
+    KL reads, so a caller needs no second teacher head matmul for them."""
     _check_linear(hidden, weight, "")
     want = {"full": LinearTeacher, "topk": TopKTeacher}.get(kl)
     if (want is None) != (teacher is None) or (want is not None and not isinstance(teacher, want)):
@@ -311,11 +327,16 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
     h, shape = hidden.reshape(-1, hidden.shape[-1]), tokens.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     tok, adv, lp_t, m = flat(tokens), flat(advantages), flat(teacher_logprobs), flat(mask)
-    outs = []
+    outs, teacher_lp = [], []
     for c in _spans(h.shape[0], chunk):
-        source = (dict(teacher_logits=t_hidden[c] @ t_weight.T) if kind == "exact" else
-                  dict(teacher_topk_ids=ids[c], teacher_topk_logprobs=lq[c]) if kind == "topk" else
-                  dict(teacher_logprobs=lp_t[c]))
+        if kind == "exact":
+            zt = t_hidden[c] @ t_weight.T
+            teacher_lp.append(_teacher_token_logprobs(zt, tok[c], temperature, process_group))
+            source = dict(teacher_logits=zt)
+        else:
+            source = (dict(teacher_topk_ids=ids[c], teacher_topk_logprobs=lq[c]) if kind == "topk" else
+                      dict(teacher_logprobs=lp_t[c]))
         outs.append(opd_advantages(h[c] @ weight.T, tok[c], adv[c], kl=kl, coef=coef, temperature=temperature,
                                    mask=None if m is None else m[c], process_group=process_group, **source))
-    return OPDAdvantages(*(torch.cat([o[i] for o in outs]).view(shape) for i in range(3)))
+    lp_t = torch.cat(teacher_lp).view(shape) if kind == "exact" else teacher_logprobs
+    return FusedOPDAdvantages(*(torch.cat([o[i] for o in outs]).view(shape) for i in range(3)), lp_t)

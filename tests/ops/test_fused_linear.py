@@ -171,6 +171,11 @@ def test_opd_advantages_per_chunk_equal_the_materialised_op(kl, gen):
                                          teacher=teacher, teacher_logprobs=None if teacher else t_lp)
     for name, a, b in zip(want._fields, got, want):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-5, msg=lambda m: f"{kl} {name}: {m}")
+    # the teacher's token log-probs: given back (k1/k3), from the KL's own teacher chunks (full), none (topk)
+    if kl == "full":       # 0 at the rows of token -100
+        torch.testing.assert_close(got.teacher_logprobs, torch.where(mask, t_lp, 0.0), atol=2e-6, rtol=2e-5)
+    else:
+        assert got.teacher_logprobs is (None if kl == "topk" else t_lp)
 
 
 # ----------------------------------------------------------------------------------------------------------

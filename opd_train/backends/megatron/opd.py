@@ -103,13 +103,14 @@ def forward_rows_fused(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tenso
     rows at a time (no [S, V] logits). ``teacher``: the Megatron teacher's (hidden [1, S, d_t], weight), or None
     (an SGLang teacher's rows in ``mb.extras``)."""
     kw = dict(temperature=temperature, process_group=_group(tp_group, tp_size), chunk_size=chunk)
-    source = None
+    teacher_logprobs, source = None, None
     if teacher is not None:
         t_hidden, t_weight = teacher[0][0], teacher[1]
-        teacher_logprobs = opd_kernels.fused_linear_logprobs(t_hidden, t_weight, mb.targets, ignore_index=IGNORE_INDEX,
-                                                             **kw).logp
-        if opd.estimator is None:
+        if opd.estimator is None:    # the exact KL: its chunks give the teacher's token log-probs too
             source = opd_kernels.LinearTeacher(t_hidden, t_weight)
+        else:
+            teacher_logprobs = opd_kernels.fused_linear_logprobs(t_hidden, t_weight, mb.targets,
+                                                                 ignore_index=IGNORE_INDEX, **kw).logp
     else:
         teacher_logprobs = mb.extras["teacher_logprobs"]
         if opd.estimator is None:
@@ -119,6 +120,8 @@ def forward_rows_fused(mb: MicroBatch, hidden: torch.Tensor, weight: torch.Tenso
     out = opd_kernels.fused_linear_opd_advantages(hidden[0], weight, mb.targets, mb.extras["adv_rows"], kl=kind,
                                                   coef=opd.advantage_coef, mask=scoring, teacher=source,
                                                   teacher_logprobs=None if source else teacher_logprobs, **kw)
+    if out.teacher_logprobs is not None:
+        teacher_logprobs = out.teacher_logprobs
     return {"logprobs": out.student_logprobs, "advantages": out.advantages, "opd_kl": out.kl,
             "teacher_logprobs": torch.where(scoring, teacher_logprobs, torch.zeros_like(teacher_logprobs))}
 
