@@ -201,6 +201,8 @@ def _validate_batches(c: Config, world: int) -> None:
                         ("--n-samples-per-eval-prompt", c.data.n_samples_per_eval_prompt)):
         if value < 1:
             _fail(f"{flag} must be >= 1, got {value}")
+    if c.cluster.trainer_threads is not None and c.cluster.trainer_threads < 1:
+        _fail(f"--trainer-threads must be >= 1 (or left out for the default), got {c.cluster.trainer_threads}")
     if t.fused_linear_chunk_tokens is not None and t.fused_linear_chunk_tokens < 1:
         _fail(f"--fused-linear-chunk-tokens must be >= 1 (or left out for the 64 MiB default), got "
               f"{t.fused_linear_chunk_tokens}")

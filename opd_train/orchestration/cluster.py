@@ -74,6 +74,18 @@ def plan_placement(cluster: ClusterConfig, world_size: int) -> Placement:
     return Placement(device=device, trainer_bundles=[dict(bundle) for _ in range(world_size)])
 
 
+def trainer_threads(cluster: ClusterConfig, placement: Placement) -> int | None:
+    """torch threads per trainer rank (None: leave Ray's setting). Ray sets OMP_NUM_THREADS=1 in an actor of one
+    CPU, so a CPU rank would run on one core (measured: SmolLM2's train phase used 1 of 2 cores). Rollout and
+    training alternate (the engines idle while the trainer steps), so on CPU the ranks share this machine's cores."""
+    if cluster.trainer_threads is not None:
+        return cluster.trainer_threads
+    if placement.device != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // len(placement.trainer_bundles))
+
+
 def trainer_placement_group(placement: Placement):
     """A placement group reserving one bundle per trainer rank (PACK: ranks of a node stay together)."""
     import ray

@@ -21,7 +21,7 @@ from ..rollout.manager import EndpointFailed, RewardPlan, RolloutManager, plan_r
 from ..serialization import register_fast_tensor_serializer
 from ..teacher import server_url
 from ..types import TeacherUnavailable
-from .cluster import plan_placement, start_ray
+from .cluster import plan_placement, start_ray, trainer_threads
 from .settings import engine_kind, trainer_settings
 from .trainer_group import TrainerGroup
 
@@ -32,7 +32,7 @@ def _key(c: Config, device: str) -> tuple:
         arch = f.read()
     return (c.derived["world_size"], c.train.tensor_model_parallel_size, device, engine_kind(c, device),
             c.rollout.rollout_num_engines, c.rollout.rollout_num_gpus_per_engine, c.rollout.sglang_extra_args, arch,
-            c.cluster.ray_address)
+            c.cluster.ray_address, c.cluster.trainer_threads)
 
 
 def _quiet_dir(c: Config) -> str | None:
@@ -85,6 +85,7 @@ class Runtime:
             engines = manager.start.remote()                       # engines start while the trainers build
             try:
                 trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement,
+                                               threads_per_rank=trainer_threads(c.cluster, placement),
                                                log_dir=_quiet_dir(c))
             except BaseException:
                 ray.kill(manager)
@@ -96,9 +97,10 @@ class Runtime:
                 trainers.shutdown()
                 ray.kill(manager)
                 raise
+            where = f"{placement.device}, {trainers.threads} torch thread(s) each"
             print(f"[opd-train] started in {time.perf_counter() - t0:.1f} s (ray {t_ray - t0:.1f} s, {world} trainer "
-                  f"rank(s) on {placement.device} {t_trainers - t_ray:.1f} s, {c.rollout.rollout_num_engines} "
-                  f"engine(s) ready {time.perf_counter() - t_ray:.1f} s after ray)", flush=True)
+                  f"rank(s) on {where} {t_trainers - t_ray:.1f} s, {c.rollout.rollout_num_engines} engine(s) ready "
+                  f"{time.perf_counter() - t_ray:.1f} s after ray)", flush=True)
             return cls(manager, trainers, plan, started, _key(c, placement.device), c.reward.rm_url)
         except BaseException:
             if started:

@@ -47,7 +47,8 @@ class TrainerActor:
                                tensor_parallel=settings.parallel.tensor_parallel, seed=settings.seed)
         self.trainer = MegatronTrainer(settings, ctx)
         self.ctx = ctx
-        return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank, "step": self.trainer.step}
+        return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "tp_rank": ctx.tp_rank, "step": self.trainer.step,
+                "threads": torch.get_num_threads()}
 
     def reset(self, settings: TrainerSettings, log_path: str | None) -> int:
         """A fresh trainer (model, optimizer, teacher, resume) in this warm process; same parallel layout."""
@@ -104,9 +105,10 @@ class _Rank:
 class TrainerGroup:
     """``world_size`` trainer actors; ``dp_size = world_size / tensor_parallel``."""
 
-    def __init__(self, ranks: list[_Rank], tp: int, placement_group):
+    def __init__(self, ranks: list[_Rank], tp: int, placement_group, threads: int):
         self.ranks, self.tp, self.pg = ranks, tp, placement_group
         self.dp = len(ranks) // tp
+        self.threads = threads      # torch threads of rank 0, as it reports them
 
     @classmethod
     def create(cls, settings: TrainerSettings, *, world_size: int, placement: Placement,
@@ -125,7 +127,7 @@ class TrainerGroup:
         infos = ray.get([a.setup.remote(rank=i, world_size=world_size, master=master, settings=settings,
                                         threads=threads_per_rank) for i, a in enumerate(actors)])
         ranks = [_Rank(a, info["rank"], info["dp_rank"], info["tp_rank"]) for a, info in zip(actors, infos)]
-        return cls(ranks, settings.parallel.tensor_parallel, pg)
+        return cls(ranks, settings.parallel.tensor_parallel, pg, infos[0]["threads"])
 
     def reset(self, settings: TrainerSettings, log_dir: str | None = None) -> None:
         if settings.parallel.tensor_parallel != self.tp:

@@ -225,6 +225,8 @@ INVALID = [
     (["--rm-type", "exact_match", "--rollout-max-response-len", "0"], "--rollout-max-response-len must be >= 1, got 0"),
     (["--rm-type", "exact_match", "--fused-linear-chunk-tokens", "0"],
      "--fused-linear-chunk-tokens must be >= 1 (or left out for the 64 MiB default), got 0"),
+    (["--rm-type", "exact_match", "--trainer-threads", "0"],
+     "--trainer-threads must be >= 1 (or left out for the default), got 0"),
     (["--rm-type", "exact_match", "--rollout-temperature", "0"],
      "--rollout-temperature must be > 0 for training rollouts (log-probs of logits / T), got 0.0"),
     (["--rm-type", "exact_match", "--rollout-top-p", "0"],
@@ -378,3 +380,17 @@ def test_fused_output_layer_flags_reach_the_trainer_settings(env):
     chosen = trainer_settings(check(base + ["--no-fused-output-layer", "--fused-linear-chunk-tokens", "64"]),
                               "/tmp/save").batching
     assert chosen.fused_output_layer is False and chosen.fused_linear_chunk_tokens == 64
+
+
+def test_trainer_threads_default_to_the_cores_shared_by_the_cpu_ranks(monkeypatch):
+    """Ray gives an actor of one CPU OMP_NUM_THREADS=1; a CPU trainer rank gets cores / ranks threads instead."""
+    import os
+
+    from opd_train.config import build_config
+    from opd_train.orchestration.cluster import Placement, trainer_threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    cpu = lambda n: Placement(device="cpu", trainer_bundles=[{"CPU": 1}] * n)  # noqa: E731
+    cluster = build_config({}).cluster
+    assert trainer_threads(cluster, cpu(1)) == 6 and trainer_threads(cluster, cpu(4)) == 1
+    assert trainer_threads(cluster, Placement(device="cuda", trainer_bundles=[{"CPU": 1, "GPU": 1}])) is None
+    assert trainer_threads(build_config({"trainer_threads": 3}).cluster, cpu(2)) == 3

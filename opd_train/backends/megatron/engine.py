@@ -72,6 +72,12 @@ class ModelEngine:
             clip_grad=settings.clip_grad, bf16=self.dtype == "bf16", params_dtype=DTYPES[self.dtype],
             use_distributed_optimizer=settings.use_distributed_optimizer)
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        # On CPU torch Adam takes its per-tensor loop (foreach and fused are CUDA defaults): 0.84 s per step for
+        # SmolLM2's 124M parameters on 2 cores, 0.12 s with the fused CPU kernel (the same update in one pass).
+        for inner in self._torch_adams():
+            for group in inner.param_groups:
+                if all(p.device.type == "cpu" for p in group["params"]):
+                    group["fused"], group["foreach"] = True, False
         # What Megatron-LM's training loop wires up: DP grad reduction after the last micro-batch, and loss
         # scaling (a no-op factor 1 in fp32/bf16).
         self.config.finalize_model_grads_func = finalize_model_grads
