@@ -19,6 +19,20 @@ def read_config(directory: str) -> dict:
         return json.load(f)
 
 
+def approx_params(config: dict) -> int:
+    """Parameters of a decoder-only HF config (embedding, untied head, attention with its KV heads, gated MLP);
+    norms and biases left out: a size class, not an exact count."""
+    d, layers = int(config.get("hidden_size", 0)), int(config.get("num_hidden_layers", 0))
+    heads = int(config.get("num_attention_heads", 1) or 1)
+    head_dim = int(config.get("head_dim") or d // heads)
+    kv = int(config.get("num_key_value_heads") or heads)
+    ffn = int(config.get("intermediate_size") or 4 * d)
+    vocab = int(config.get("vocab_size", 0))
+    attention = 2 * d * heads * head_dim + 2 * d * kv * head_dim
+    embeddings = vocab * d * (1 if config.get("tie_word_embeddings", True) else 2)
+    return embeddings + layers * (attention + 3 * d * ffn)
+
+
 def tokenizer_mapping(directory: str | None) -> dict[str, int] | None:
     """token -> id of the directory's ``tokenizer.json`` (model vocabulary plus added tokens), None without one."""
     path = os.path.join(directory, "tokenizer.json") if directory else None

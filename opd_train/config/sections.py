@@ -188,8 +188,8 @@ class ClusterConfig:
     device: str = opt("auto", "trainer device: cuda (GPU resources), cpu, auto (cuda when available)",
                       choices=("auto", "cpu", "cuda"))
     num_cpus: int | None = opt(None, "CPUs given to a local Ray cluster (default: all)")
-    trainer_threads: int | None = opt(None, "torch threads of each trainer rank (default: on CPU, the cores of this "
-                                            "machine / the trainer ranks; on GPU, Ray's 1)")
+    trainer_threads: int | None = opt(None, "torch threads of each trainer rank (default: on CPU for a model of 20M+ "
+                                            "parameters, this machine's cores / the trainer ranks; else Ray's 1)")
 
 
 @dataclass(frozen=True)

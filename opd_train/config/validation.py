@@ -309,7 +309,9 @@ def validate(config: Config, *, cuda_available: bool | None = None, check_paths:
     config = _absolute_paths(config)
     derived = dict(config.derived)
     if config.model.hf_checkpoint and os.path.isfile(os.path.join(config.model.hf_checkpoint, "config.json")):
-        derived.setdefault("vocab_size", hf.read_config(config.model.hf_checkpoint).get("vocab_size"))
+        hf_config = hf.read_config(config.model.hf_checkpoint)
+        derived.setdefault("vocab_size", hf_config.get("vocab_size"))
+        derived.setdefault("model_params", hf.approx_params(hf_config))
     world = config.train.actor_num_nodes * config.train.actor_num_gpus_per_node
     derived["world_size"] = world
     derived["check_paths"] = check_paths

@@ -74,13 +74,18 @@ def plan_placement(cluster: ClusterConfig, world_size: int) -> Placement:
     return Placement(device=device, trainer_bundles=[dict(bundle) for _ in range(world_size)])
 
 
-def trainer_threads(cluster: ClusterConfig, placement: Placement) -> int | None:
+# Below this many parameters a CPU trainer rank is faster on one thread (the 0.13M-parameter addition toy, 2-core
+# machine: train phase 1.02 s per step with one, 1.34 s with two); above, the cores pay (SmolLM2's 124M: 14 -> 10 s).
+MULTITHREAD_PARAMS = 20_000_000
+
+
+def trainer_threads(cluster: ClusterConfig, placement: Placement, model_params: int) -> int | None:
     """torch threads per trainer rank (None: leave Ray's setting). Ray sets OMP_NUM_THREADS=1 in an actor of one
-    CPU, so a CPU rank would run on one core (measured: SmolLM2's train phase used 1 of 2 cores). Rollout and
-    training alternate (the engines idle while the trainer steps), so on CPU the ranks share this machine's cores."""
+    CPU, so a CPU rank of a real model would run on one core. Rollout and training alternate (the engines idle while
+    the trainer steps), so on CPU the ranks share this machine's cores."""
     if cluster.trainer_threads is not None:
         return cluster.trainer_threads
-    if placement.device != "cpu":
+    if placement.device != "cpu" or model_params < MULTITHREAD_PARAMS:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // len(placement.trainer_bundles))

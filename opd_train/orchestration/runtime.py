@@ -84,9 +84,9 @@ class Runtime:
                 quiet=not c.log.verbose)
             engines = manager.start.remote()                       # engines start while the trainers build
             try:
+                threads = trainer_threads(c.cluster, placement, c.derived.get("model_params", 0))
                 trainers = TrainerGroup.create(trainer_settings(c, save_dir), world_size=world, placement=placement,
-                                               threads_per_rank=trainer_threads(c.cluster, placement),
-                                               log_dir=_quiet_dir(c))
+                                               threads_per_rank=threads, log_dir=_quiet_dir(c))
             except BaseException:
                 ray.kill(manager)
                 raise

@@ -382,15 +382,21 @@ def test_fused_output_layer_flags_reach_the_trainer_settings(env):
     assert chosen.fused_output_layer is False and chosen.fused_linear_chunk_tokens == 64
 
 
-def test_trainer_threads_default_to_the_cores_shared_by_the_cpu_ranks(monkeypatch):
-    """Ray gives an actor of one CPU OMP_NUM_THREADS=1; a CPU trainer rank gets cores / ranks threads instead."""
+def test_trainer_threads_default_to_the_cores_shared_by_the_cpu_ranks_of_a_real_model(monkeypatch):
+    """Ray gives an actor of one CPU OMP_NUM_THREADS=1; a CPU rank of a 20M+ parameter model gets cores / ranks."""
     import os
 
+    from opd_train import hf
     from opd_train.config import build_config
     from opd_train.orchestration.cluster import Placement, trainer_threads
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
     cpu = lambda n: Placement(device="cpu", trainer_bundles=[{"CPU": 1}] * n)  # noqa: E731
     cluster = build_config({}).cluster
-    assert trainer_threads(cluster, cpu(1)) == 6 and trainer_threads(cluster, cpu(4)) == 1
-    assert trainer_threads(cluster, Placement(device="cuda", trainer_bundles=[{"CPU": 1, "GPU": 1}])) is None
-    assert trainer_threads(build_config({"trainer_threads": 3}).cluster, cpu(2)) == 3
+    smollm2 = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                   intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+    big = hf.approx_params(smollm2)
+    assert 130e6 < big < 140e6                                       # SmolLM2-135M
+    assert trainer_threads(cluster, cpu(1), big) == 6 and trainer_threads(cluster, cpu(4), big) == 1
+    assert trainer_threads(cluster, cpu(1), 133_504) is None         # the toy: one thread is faster
+    assert trainer_threads(cluster, Placement(device="cuda", trainer_bundles=[{"CPU": 1, "GPU": 1}]), big) is None
+    assert trainer_threads(build_config({"trainer_threads": 3}).cluster, cpu(2), 133_504) == 3

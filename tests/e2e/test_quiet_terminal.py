@@ -33,7 +33,6 @@ def test_default_run_terminal_is_quiet(tmp_path, teacher):
     noisy = [line for line in terminal.splitlines() if any(n in line for n in NOISE)]
     assert not noisy, "\n".join(noisy[:20])
     assert "held-out pass@1" in terminal and "logs/" in terminal          # the table, and where the rest went
-    # the trainer rank runs on this machine's cores, not Ray's one thread per actor of one CPU
-    assert f"on cpu, {len(os.sched_getaffinity(0))} torch thread(s) each" in terminal, terminal[:3000]
+    assert "on cpu, 1 torch thread(s) each" in terminal, terminal[:3000]    # a 0.13M model: one thread is faster
     logs = "".join(p.read_text(errors="replace") for p in pathlib.Path(out).rglob("logs/*.log"))
     assert "Warning" in logs or "warning" in logs, "the third-party output should be in the log files"

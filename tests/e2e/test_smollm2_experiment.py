@@ -43,3 +43,5 @@ def test_fast_prune_and_heal_lowers_the_kl_in_both_teacher_modes(tmp_path):
             assert run["kl_after"] < run["kl_before"], (name, run)
     assert (out / "curves.png").is_file()
     assert "| run | kl (own samples) | kl_teacher_text | agreement |" in proc.stdout
+    # a 124M-parameter trainer rank runs on this machine's cores, not Ray's one thread per actor of one CPU
+    assert f"on cpu, {len(os.sched_getaffinity(0))} torch thread(s) each" in proc.stdout, proc.stdout[:3000]
