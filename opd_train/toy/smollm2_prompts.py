@@ -1,7 +1,7 @@
 """Prompts of the prune-and-heal experiment, generated locally (no dataset download), with a held-out split.
 
 Short questions the teacher answers in a few tokens and then ends its turn: sums, capitals, first and last
-letters, animals' legs. A prompt is held out by a fixed hash of its text (~20%), so the split does
+letters, opposites. A prompt is held out by a fixed hash of its text (~20%), so the split does
 not depend on the order or on the number of prompts drawn.
 """
 from __future__ import annotations
@@ -20,18 +20,21 @@ WORDS = ["hot", "big", "fast", "happy", "light", "early", "open", "full", "hard"
          "high", "wet", "loud", "clean", "thick", "sweet", "near", "old", "good", "dark", "cold", "tall", "apple",
          "house", "river", "green", "table", "music", "water", "paper", "money", "bread", "chair", "phone",
          "pencil", "garden", "window", "orange", "summer", "winter", "friend", "school", "doctor", "yellow"]
-ANIMALS = ["dog", "cat", "spider", "bird", "horse", "ant", "cow", "chicken", "snake", "fish", "duck", "sheep",
-           "goat", "pig", "bee", "frog", "lion", "crab"]
+ADJECTIVES = WORDS[:24] + ["slow", "small", "short", "new", "soft", "low", "empty", "heavy", "quiet", "dirty", "thin",
+                           "weak", "poor", "late", "sad", "far"]
 # Each family gets answers of a few tokens ending with the end-of-turn token from the teacher (probed: "29 + 14 =
-# 31", "The capital of Spain is Madrid.", "The first letter of 'big' is 'B'.", "A dog has four legs."), so the
-# exact agreement of greedy answers is a reachable measure. Whether the teacher is right does not matter: the
-# student learns the teacher. Families that the teacher answers at length (times, minus, colours, rhymes) are out.
+# 31", "The capital of Spain is Madrid.", "The first letter of 'big' is 'B'.", "The opposite of 'hot' is 'cold'."),
+# so the exact agreement of greedy answers is a reachable measure. Whether the teacher is right does not matter: the
+# student learns the teacher ("The last letter of 'doctor' is 'D'."). Families that the teacher answers at length
+# (times, minus, colours, rhymes, the next weekday) are out, and so are animals' legs, whose teacher answers vary in
+# form ("A cow has five legs.", "The answer is 1."); opposites, which a mildly pruned student partly keeps, took
+# their place.
 TEMPLATES = [
     lambda r: f"What is {r.randint(2, 40)} plus {r.randint(2, 40)}?",
     lambda r: f"What is the capital of {r.choice(list(CAPITALS))}?",
     lambda r: f"What is the first letter of '{r.choice(WORDS)}'?",
     lambda r: f"What is the last letter of '{r.choice(WORDS)}'?",
-    lambda r: f"How many legs does a {r.choice(ANIMALS)} have?",
+    lambda r: f"What is the opposite of '{r.choice(ADJECTIVES)}'?",
 ]
 
 
