@@ -137,6 +137,9 @@ at::Tensor kl_bwd(const at::Tensor& xs, const at::Tensor& xt, const at::Tensor& 
   return grad;
 }
 
+// kl_fwd, then the student row overwritten with its gradient grad_kl[r] * inv_t p_s (log p_s - log p_t - KL) from
+// the row's own scalars: both rows stream from memory once and are re-read from cache. The forward values are
+// computed for every row; a row with grad_kl == 0 gets exact zeros (kl_bwd_row).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_fwd_inplace(at::Tensor xs, const at::Tensor& xt,
                                                               const std::optional<at::Tensor>& grad_kl,
                                                               double inv_temperature) {

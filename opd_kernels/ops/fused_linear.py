@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import _checks, _tp
-from .opd_advantages import OPDAdvantages, opd_advantages
+from .opd_advantages import opd_advantages
 from .reverse_kl import kl_fwd, kl_grad_inplace_, reverse_kl_reference, sharded_kl
 from .token_logprobs import logprob_grad_inplace_, sharded_logprobs, token_logprobs_fwd, token_logprobs_reference
 from .topk_kl import sharded_topk, topk_grad, topk_kl_fwd, topk_kl_reference
@@ -300,12 +300,6 @@ class FusedOPDAdvantages(NamedTuple):
     #                                        chunk logits (full: computed once for both), None (topk: not in the rows)
 
 
-def _teacher_token_logprobs(zt: torch.Tensor, tok: torch.Tensor, temperature: float, group) -> torch.Tensor:
-    if group is None:
-        return token_logprobs_fwd(zt, tok, temperature, 0, zt.shape[1], -100, False)[0]
-    return sharded_logprobs(zt, tok, temperature, -100, False, group)[0]
-
-
 @torch.no_grad()
 def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
                                 advantages: torch.Tensor, *, teacher_logprobs: torch.Tensor | None = None,
@@ -328,10 +322,11 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     tok, adv, lp_t, m = flat(tokens), flat(advantages), flat(teacher_logprobs), flat(mask)
     outs, teacher_lp = [], []
+    teacher_rows = _Config(temperature, False, -100, chunk, process_group, None)   # log-probs of the teacher's chunk
     for c in _spans(h.shape[0], chunk):
         if kind == "exact":
             zt = t_hidden[c] @ t_weight.T
-            teacher_lp.append(_teacher_token_logprobs(zt, tok[c], temperature, process_group))
+            teacher_lp.append(_logprob_rows(zt, tok[c], teacher_rows)[0])
             source = dict(teacher_logits=zt)
         else:
             source = (dict(teacher_topk_ids=ids[c], teacher_topk_logprobs=lq[c]) if kind == "topk" else

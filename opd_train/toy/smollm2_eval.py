@@ -106,8 +106,8 @@ def evaluate(student, teacher, tokenizer, prompts: list[list[int]], teacher_text
     answers: ``first_token_agreement`` (the answer starts with the teacher's token) and ``common_prefix`` (mean
     number of leading tokens equal to the teacher's)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
-    # generation in batches of 48: a decode step's matmuls are small, so larger batches run faster on CPU (measured:
-    # 2 x 12 s -> 2 x 8 s for 48 prompts); the teacher-forced KL keeps batches of 16 (48 was slower)
+    # generation in batches of 48: a decode step's matmuls are small, so larger batches run faster on CPU (2 x 12 s
+    # -> 2 x 8 s for 48 prompts, measured with another job running); the teacher-forced KL keeps batches of 16
     own = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=False, seed=seed, batch=48)
     greedy = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=True, batch=48)
     answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in greedy]
