@@ -3,8 +3,8 @@
 The real pieces at real scale: the GGUF dequantised into HF directories, a 49152-token vocabulary with a chat
 template through our CPU engine, the SGLang-protocol teacher's top-K over HTTP, the Megatron teacher's exact KL in
 the trainer, and the sampled k1 estimator in both modes. Two steps per run (the experiment's numbers come from the
-full run, README): the top-K and exact-KL runs must lower both held-out KLs, which a sign error or a KL term that
-never reaches the loss would not.
+full run, README): the top-K and exact-KL runs must lower the teacher-forced KL on the teacher's answers, which a
+sign error or a KL term that never reaches the loss would not.
 """
 from __future__ import annotations
 
@@ -38,9 +38,12 @@ def test_fast_prune_and_heal_lowers_the_kl_in_both_teacher_modes(tmp_path):
         for key in ("kl", "kl_teacher_text", "agreement"):
             assert {f"{key}_before", f"{key}_after"} <= set(run), (name, run)
         assert run["kl_teacher_text_before"] > 1.0, run                     # the pruned student is clearly worse
-        if not name.endswith("_k1"):      # two steps of the sampled estimator are noise; the full run has its numbers
+        # Two steps of the sampled estimator are noise; the full run has its numbers. So is `kl` here: one sampled
+        # answer of a few tokens for each of 8 held-out prompts (measured 1.630 -> 1.666 for top-K while its
+        # teacher-text KL fell). The teacher-forced KL on the teacher's own answers is deterministic, and a sign
+        # error or a KL term that never reaches the loss would raise it or leave it.
+        if not name.endswith("_k1"):
             assert run["kl_teacher_text_after"] < run["kl_teacher_text_before"], (name, run)
-            assert run["kl_after"] < run["kl_before"], (name, run)
     assert (out / "curves.png").is_file()
     assert "| run | kl (own samples) | kl_teacher_text | agreement |" in proc.stdout
     # a 124M-parameter trainer rank runs on this machine's cores, not Ray's one thread per actor of one CPU
