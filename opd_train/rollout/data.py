@@ -64,8 +64,7 @@ def _prompt_text(row: dict, key: str, tokenizer, chat: bool, where: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{where}: column {key!r} must be a string or a list of chat messages")
     if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": value}], tokenize=False,
-                                             add_generation_prompt=True)
+        return chat_text(tokenizer, [{"role": "user", "content": value}])
     return value
 
 
