@@ -56,6 +56,45 @@ def test_mean_kl_equals_full_logits_and_reads_only_the_students_columns_of_a_pad
 
 
 @torch.no_grad()
+def test_response_kls_are_each_answers_own_kl_and_the_se_is_the_ratio_estimators(pairs):
+    prompts, responses = pairs
+    student, teacher = tiny_llama(1), tiny_llama(2)
+    per = ev.response_kls(student, teacher, prompts + [[1, 2]], responses + [[]], batch=2)  # an empty answer: (0, 0)
+    assert per[-1] == (0.0, 0)
+    for (p, r), (kl, tokens) in zip(zip(prompts, responses), per):
+        assert tokens == len(r)
+        assert kl / tokens == pytest.approx(naive_kl(student, teacher, [p], [r]), rel=1e-5)
+    mean, se = ev.mean_and_se(per[:-1])
+    assert mean == pytest.approx(naive_kl(student, teacher, prompts, responses), rel=1e-5)
+    kls = torch.tensor([k for k, _ in per[:-1]], dtype=torch.float64)
+    lens = torch.tensor([t for _, t in per[:-1]], dtype=torch.float64)
+    assert se == pytest.approx(float((kls - mean * lens).std() / lens.mean() / len(lens) ** 0.5), rel=1e-9)
+    assert ev.mean_and_se([(2.0, 4), (2.0, 4)]) == (0.5, 0.0)          # identical answers: no spread
+    assert ev.mean_and_se([(2.0, 4)])[1] != ev.mean_and_se([(2.0, 4)])[1]    # one answer: no SE (nan)
+
+
+@torch.no_grad()
+def test_sampled_kl_equals_the_teacher_forced_kl_of_its_own_answers(pairs):
+    """The lockstep decode (shared prefill, KV caches, a padded teacher read over the student's columns) gives
+    per answer what the teacher-forced computation gives on the answers it sampled."""
+    prompts, _ = pairs
+    student, teacher = tiny_llama(1), tiny_llama(2, vocab=VOCAB + 32)
+    eos = {5, 7}
+    answers, kls = ev.sampled_kl(student, teacher, prompts, 6, eos, pad_id=0, samples=3, seed=4, batch=2)
+    assert len(answers) == len(kls) == 3 * len(prompts)
+    assert all(len(a) == 6 or (a[-1] in eos and not set(a[:-1]) & eos) for a in answers)
+    assert any(a[-1] in eos for a in answers) and any(len(a) == 6 for a in answers)    # both ends exercised
+    assert len({tuple(a) for a in answers[:3]}) > 1                   # one prompt's samples are drawn, not copied
+    repeated = [p for p in prompts for _ in range(3)]
+    want = ev.response_kls(student, teacher, repeated, answers, batch=4)
+    for (got, n), (kl, tokens), a in zip(kls, want, answers):
+        assert n == tokens == len(a)
+        assert got == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    again, _ = ev.sampled_kl(student, teacher, prompts, 6, eos, pad_id=0, samples=3, seed=4, batch=2)
+    assert again == answers                                           # seeded
+
+
+@torch.no_grad()
 def test_generate_matches_step_by_step_greedy_decoding(pairs):
     prompts, _ = pairs
     model = tiny_llama(3)
