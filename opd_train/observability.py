@@ -169,6 +169,17 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def plotted_keys(data: dict[str, list[dict]], keys: Iterable[str] = PLOTTED) -> list[str]:
+    """The keys with a curve to draw: present in some run, and not one value repeated over every step of every run
+    (the reward of a run without a reward function is 0 throughout; a flat panel says nothing)."""
+    out = []
+    for key in keys:
+        values = [row[key] for rows in data.values() for row in rows if key in row]
+        if values and (len(values) == 1 or len(set(values)) > 1):
+            out.append(key)
+    return out
+
+
 def plot_curves(jsonl_path: str, png_path: str, keys: Iterable[str] = PLOTTED,
                 runs: dict[str, str] | None = None) -> str | None:
     """Plot the curves of one run (or of several: ``runs`` = {label: jsonl path}) into a PNG grid."""
@@ -177,25 +188,32 @@ def plot_curves(jsonl_path: str, png_path: str, keys: Iterable[str] = PLOTTED,
     import matplotlib.pyplot as plt
     sources = runs or {"": jsonl_path}
     data = {label: read_metrics(p) for label, p in sources.items() if os.path.isfile(p)}
-    present = [k for k in keys if any(k in row for rows in data.values() for row in rows)]
+    present = plotted_keys(data, keys)
     if not present:
         return None
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, present):
-        for label, series in data.items():
+        for i, (label, series) in enumerate(data.items()):     # a run keeps its colour where another lacks a key
             pts = [(r["step"], r[key]) for r in series if key in r]
             if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label or None)
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label or None, color=f"C{i % 10}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("rollout step", fontsize=8)
         ax.grid(alpha=0.3)
-        if runs:
-            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
-    fig.tight_layout()
+    if runs:                      # one legend under the grid: per-panel legends covered the curves
+        legend = {}
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        labels, handles = list(legend), list(legend.values())
+        fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 2)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 * math.ceil(len(labels) / 2) / rows * 2, 1, 1))
+    else:
+        fig.tight_layout()
     tmp = f"{png_path}.tmp.png"
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
