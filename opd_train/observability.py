@@ -209,9 +209,10 @@ def plot_curves(jsonl_path: str, png_path: str, keys: Iterable[str] = PLOTTED,
         for ax in axes.flat:
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 legend.setdefault(label, handle)
-        labels, handles = list(legend), list(legend.values())
-        fig.legend(handles, labels, loc="lower center", ncol=max(1, min(len(labels), 2)), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.04 * math.ceil(len(labels) / 2) / rows * 2, 1, 1))
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=max(1, min(len(legend), 2)),
+                   fontsize=8, frameon=False)
+        legend_lines = math.ceil(len(legend) / 2)
+        fig.tight_layout(rect=(0, 0.08 * legend_lines / rows, 1, 1))     # room for the legend under the grid
     else:
         fig.tight_layout()
     tmp = f"{png_path}.tmp.png"

@@ -168,13 +168,6 @@ def mean_and_se(per_response: list[tuple[float, int]]) -> tuple[float, float]:
     return mean, (spread / n) ** 0.5 / (tokens / n)
 
 
-def mean_kl(student, teacher, prompts: list[list[int]], responses: list[list[int]], *,
-            teacher_logprobs: list | None = None, batch: int = 16) -> float:
-    """Mean per-token KL(student || teacher) at T = 1 over the response tokens (:func:`response_kls`)."""
-    return mean_and_se(response_kls(student, teacher, prompts, responses, teacher_logprobs=teacher_logprobs,
-                                    batch=batch))[0]
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -191,8 +184,8 @@ def evaluate(student, teacher, tokenizer, prompts: list[list[int]], teacher_text
     ``common_prefix`` (mean number of leading tokens equal to the teacher's). ``teacher_text_logprobs``:
     :func:`response_logprobs` of the teacher on ``teacher_text``, computed once for every student measured."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
-    # generation in batches of 48: a decode step's matmuls are small, so larger batches run faster on CPU (2 x 12 s
-    # -> 2 x 8 s for 48 prompts, measured with another job running); the teacher-forced KL keeps batches of 16
+    # greedy generation in one batch of 48: a decode step's matmuls are small, so larger batches run faster on CPU
+    # (12 s -> 8 s for 48 prompts, measured with another job running); the teacher-forced KL keeps batches of 16
     _, own = sampled_kl(student, teacher, prompts, max_new_tokens, eos_ids, pad, samples=samples, seed=seed)
     greedy = generate(student, prompts, max_new_tokens, eos_ids, pad, greedy=True, batch=48)
     answers = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in greedy]
