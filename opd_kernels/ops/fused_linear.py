@@ -203,6 +203,26 @@ def _at(t: torch.Tensor | None, c: slice):
     return None if t is None or t.numel() == 0 else t[c]
 
 
+class _Rows:
+    """The rows that have a value (a token to score / mask on): only they go through the output layer. A prompt
+    row, the usual majority in RL batches, would cost a [V, d] matmul forward and three backward for a 0; an
+    ignored row's outputs are 0 (``put``'s fill) and it gets no gradient (``take`` is differentiable)."""
+
+    def __init__(self, keep: torch.Tensor):
+        self.n = keep.numel()
+        self.index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+
+    def take(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or self.index is None else t.index_select(0, self.index)
+
+    def put(self, t: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """[n] with ``t`` at the kept rows and ``fill`` (default 0) elsewhere."""
+        if self.index is None:
+            return t
+        base = t.new_zeros(self.n) if fill is None else fill.to(t.dtype)
+        return base.index_copy(0, self.index, t)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------------------
@@ -284,12 +304,13 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: to
     chunk = _chunk_rows(chunk_size, weight)
     kind, t_hidden, t_weight, ids, lq = _teacher_args(teacher, hidden, weight, tokens, process_group is not None)
     cfg = _Config(temperature, bool(return_entropy), ignore_index, chunk, process_group, kind)
-    flat_tokens = tokens.reshape(-1)
-    logp, entropy, kl = _FusedLinear.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_tokens, t_hidden,
-                                              t_weight, ids, lq, cfg)
+    flat_tokens, h = tokens.reshape(-1), hidden.reshape(-1, hidden.shape[-1])
+    rows = _Rows(flat_tokens != ignore_index)
+    logp, entropy, kl = _FusedLinear.apply(rows.take(h), weight, rows.take(flat_tokens), rows.take(t_hidden),
+                                           t_weight, rows.take(ids), rows.take(lq), cfg)
     shape = tokens.shape
-    return FusedLinearOutput(logp.view(shape), entropy.view(shape) if return_entropy else None,
-                             kl.view(shape) if kind else None)
+    return FusedLinearOutput(rows.put(logp).view(shape), rows.put(entropy).view(shape) if return_entropy else None,
+                             rows.put(kl).view(shape) if kind else None)
 
 
 class FusedOPDAdvantages(NamedTuple):
@@ -318,9 +339,12 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
         raise ValueError(f"kl={kl!r} takes {want.__name__ if want else 'teacher_logprobs and no teacher'}")
     kind, t_hidden, t_weight, ids, lq = _teacher_args(teacher, hidden, weight, tokens, process_group is not None)
     chunk = _chunk_rows(chunk_size, weight)
-    h, shape = hidden.reshape(-1, hidden.shape[-1]), tokens.shape
+    shape = tokens.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    tok, adv, lp_t, m = flat(tokens), flat(advantages), flat(teacher_logprobs), flat(mask)
+    tok, adv_in, lp_t, m = flat(tokens), flat(advantages), flat(teacher_logprobs), flat(mask)
+    rows = _Rows(torch.ones_like(tok, dtype=torch.bool) if m is None else m != 0)  # masked rows keep A, KL 0
+    h, tok, adv, lp_t, m = (rows.take(t) for t in (hidden.reshape(-1, hidden.shape[-1]), tok, adv_in, lp_t, m))
+    t_hidden, ids, lq = rows.take(t_hidden), rows.take(ids), rows.take(lq)
     outs, teacher_lp = [], []
     teacher_rows = _Config(temperature, False, -100, chunk, process_group, None)   # log-probs of the teacher's chunk
     for c in _spans(h.shape[0], chunk):
@@ -333,5 +357,12 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
                       dict(teacher_logprobs=lp_t[c]))
         outs.append(opd_advantages(h[c] @ weight.T, tok[c], adv[c], kl=kl, coef=coef, temperature=temperature,
                                    mask=None if m is None else m[c], process_group=process_group, **source))
-    lp_t = torch.cat(teacher_lp).view(shape) if kind == "exact" else teacher_logprobs
-    return FusedOPDAdvantages(*(torch.cat([o[i] for o in outs]).view(shape) for i in range(3)), lp_t)
+    lp_t = rows.put(_cat(teacher_lp, h)).view(shape) if kind == "exact" else teacher_logprobs
+    a, k, lp = (_cat([o[i] for o in outs], h) for i in range(3))
+    return FusedOPDAdvantages(rows.put(a, fill=adv_in).view(shape), rows.put(k).view(shape),
+                              rows.put(lp).view(shape), lp_t)
+
+
+def _cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The chunks' values, [0] when every row is masked out."""
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32, device=like.device)

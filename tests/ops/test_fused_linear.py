@@ -89,6 +89,37 @@ def test_ignored_rows_and_unused_outputs(gen):
     torch.testing.assert_close(gh.double(), gref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("teacher", (None, "linear", "topk"))
+def test_ignored_rows_skip_the_output_layer(teacher, gen):
+    """Ignored (prompt) rows never reach the output layer: NaN hidden states there change no output and no gradient
+    (a row that went through ``h @ W.T`` would spread NaN into grad_weight); all rows ignored gives zeros."""
+    h, w, th, tw, tokens, topk, ups = _inputs(gen)
+    h, w, th, tw = h.float(), w.float(), th.float(), tw.float()
+    ignored = tokens == -100
+    poisoned, t_poisoned = h.clone(), th.clone()
+    poisoned[ignored], t_poisoned[ignored] = float("nan"), float("nan")
+    clean = _run(ok.fused_linear_logprobs, h, w, tokens, _teacher(teacher, th, tw, topk, torch.float32), ups,
+                 torch.float32, 1.0, chunk_size=8)
+    got = _run(ok.fused_linear_logprobs, poisoned, w, tokens, _teacher(teacher, t_poisoned, tw, topk, torch.float32),
+               ups, torch.float32, 1.0, chunk_size=8)
+    for a, b in zip(got[0], clean[0]):
+        torch.testing.assert_close(a, b)
+    assert torch.all(got[1][0][ignored] == 0)
+    torch.testing.assert_close(got[1][0][~ignored], clean[1][0][~ignored])
+    torch.testing.assert_close(got[1][1], clean[1][1])
+    kl = {"linear": "full", "topk": "topk"}.get(teacher, "k1")
+    src = _teacher(teacher, t_poisoned, tw, topk, torch.float32)
+    adv = ok.fused_linear_opd_advantages(poisoned, w, tokens, ups[0].float(), kl=kl, mask=~ignored, teacher=src,
+                                         teacher_logprobs=None if src else ups[1].float(), chunk_size=8)
+    assert all(bool(torch.isfinite(t).all()) for t in adv if t is not None)
+    assert torch.equal(adv.advantages[ignored], ups[0].float()[ignored]) and torch.all(adv.kl[ignored] == 0)
+    none = ok.fused_linear_logprobs(poisoned, w, torch.full_like(tokens, -100), return_entropy=True)
+    assert all(torch.equal(t, torch.zeros(T)) for t in (none.logp, none.entropy))
+    all_masked = ok.fused_linear_opd_advantages(poisoned, w, tokens, ups[0].float(), kl="k1",
+                                                teacher_logprobs=ups[1].float(), mask=torch.zeros(T, dtype=torch.bool))
+    assert torch.equal(all_masked.advantages, ups[0].float()) and torch.equal(all_masked.kl, torch.zeros(T))
+
+
 def test_batch_dims_and_megatron_layout(gen):
     """[S, 1, d] hidden states (Megatron's layout) with [S, 1] tokens give the flat results, reshaped."""
     h, w, _, _, tokens, _, _ = _inputs(gen)

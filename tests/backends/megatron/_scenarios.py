@@ -19,7 +19,7 @@ from opd_train.backends.megatron import (BatchingSettings, CheckpointSettings, C
 from opd_train.backends.megatron import checkpoint as ckpt
 from opd_train.backends.megatron.engine import ModelEngine, arch_of_dir
 from opd_train.backends.megatron.dist import current_context
-from opd_train.backends.megatron.packing import pack_microbatches
+from opd_train.backends.megatron.packing import IGNORE_INDEX, pack_microbatches
 
 VOCAB = 256
 
@@ -265,14 +265,15 @@ def fused_forward(spec: dict, out: str) -> dict:
         res[estimator] = {"ops": dict(ops), "fused": vars(fused), "rows": vars(rows),
                           "unfused_student": unfused_student, "unfused_advantages": adv, "unfused_kl": kl}
         del megatron, sglang
-    # chunks of 16 token rows: the fused op runs once per chunk of each micro-batch, with the same results
+    # chunks of 16 scoring rows (prompt rows skip the output layer): the fused op runs once per chunk of each
+    # micro-batch's response rows, with the same results
     chunked = MegatronTrainer(TrainerSettings(**{**settings, "batching": BatchingSettings(
         max_tokens_per_microbatch=64, fused_linear_chunk_tokens=16)}, teacher=TeacherSettings(load=tdir),
         opd=OPDSettings(estimator="k1", advantage_coef=0.6)))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         res["chunked"] = vars(chunked.forward(batch, advantages=base))
     res["chunked_ops"] = dict(Counter(e.name for e in prof.events() if e.name.startswith("opd_kernels::")))
-    res["chunks"] = sum(-(-mb.num_tokens // 16) for mb in pack_microbatches(batch, 64))
+    res["chunks"] = sum(-(-int((mb.targets != IGNORE_INDEX).sum()) // 16) for mb in pack_microbatches(batch, 64))
     return res
 
 

@@ -89,7 +89,8 @@ def test_the_opd_forward_runs_the_fused_op_and_equals_the_unfused_path(fused, es
 
 def test_the_opd_forward_runs_once_per_chunk_with_the_same_results(fused):
     """16-row chunks (BatchingSettings.fused_linear_chunk_tokens): opd_sampled_fwd and the teacher's token
-    log-probs run once per chunk of each micro-batch, and the results equal the one-chunk-per-micro-batch run."""
+    log-probs run once per chunk of each micro-batch's response rows (prompt rows skip the output layer), and the
+    results equal the one-chunk-per-micro-batch run."""
     chunks = fused["chunks"]
     assert chunks > 2 * fused["microbatches"]
     assert fused["chunked_ops"].get("opd_kernels::opd_sampled_fwd") == chunks
