@@ -33,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
                 group.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
                 continue
+            if typing.get_origin(typ) is tuple:           # slime's name lists: --flag A B C
+                group.add_argument(flag, type=str, nargs="+", default=argparse.SUPPRESS, metavar=meta["metavar"],
+                                   help=help_text)
+                continue
             conv = {int: int, float: float, str: str}[typ]
             # slime writes --eval-prompt-data NAME PATH: one or two values, the path last
             nargs = "+" if f.name == "eval_prompt_data" else None
@@ -71,6 +75,11 @@ def _coerce(key: str, value: Any) -> Any:
     typ = _field_type(cls, key)
     if value is None:
         return None
+    if typing.get_origin(typ) is tuple:                    # a list of strings (one string: a list of one)
+        items = (value,) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"--{key.replace('_', '-')} takes one or more strings, got {value!r}")
+        return tuple(items)
     if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):

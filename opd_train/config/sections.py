@@ -164,6 +164,12 @@ class TrainConfig:
     actor_num_gpus_per_node: int = opt(1, "trainer processes per node (one GPU each on GPU machines; CPU "
                                           "processes otherwise); data parallel = total / TP")
     max_tokens_per_gpu: int = opt(4096, "token budget of one packed micro-batch")
+    only_train_params_name_list: tuple[str, ...] | None = opt(
+        None, "train only the parameters whose Megatron name matches one of these regexes (re.search), freeze the "
+              "rest (slime's flag)", metavar="REGEX")
+    freeze_params_name_list: tuple[str, ...] | None = opt(
+        None, "freeze the parameters whose Megatron name matches one of these regexes, e.g. 'embedding' (the "
+              "tied embedding and output layer) (slime's flag)", metavar="REGEX")
     fused_output_layer: bool = opt(True, "output layer + log-probs / entropy / KL fused and chunked over tokens "
                                          "(no [tokens, vocab] logits or gradient); --no-fused-output-layer "
                                          "materialises the logits (same results)")

@@ -253,6 +253,14 @@ def _validate_algo(c: Config) -> None:
               "rewards: use --use-kl-loss --kl-loss-coef instead")
     if a.critic_lr is not None and a.advantage_estimator != "ppo":
         _fail("--critic-lr is only used by --advantage-estimator ppo (the critic)")
+    for flag, patterns in (("--only-train-params-name-list", t.only_train_params_name_list),
+                           ("--freeze-params-name-list", t.freeze_params_name_list)):
+        for pattern in patterns or ():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                _fail(f"{flag} {pattern!r} is not a regular expression ({exc}); each is searched in the Megatron "
+                      "parameter names, e.g. 'embedding' or 'decoder.layers.2[0-3].'")
 
 
 def _validate_paths_and_devices(c: Config, cuda_available: bool, check_paths: bool) -> None:

@@ -16,12 +16,14 @@ def model_source(path: str) -> ModelSource:
     return ModelSource(hf_path=path)
 
 
-def optimizer_settings(c: Config, lr: float, total_steps: int) -> OptimizerSettings:
+def optimizer_settings(c: Config, lr: float, total_steps: int, *, actor: bool) -> OptimizerSettings:
+    """The actor's (the name lists apply to it, as in slime) or the critic's optimizer."""
     t = c.train
     decay = None if t.lr_decay_style == "constant" else max(total_steps, t.lr_warmup_iters + 1)
+    names = dict(only_train=t.only_train_params_name_list, freeze=t.freeze_params_name_list or ()) if actor else {}
     return OptimizerSettings(lr=lr, min_lr=min(t.min_lr, lr), lr_warmup_steps=t.lr_warmup_iters,
                              lr_decay_steps=decay, lr_decay_style=t.lr_decay_style, weight_decay=t.weight_decay,
-                             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad)
+                             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, clip_grad=t.clip_grad, **names)
 
 
 def optimizer_steps_per_rollout(c: Config) -> int:
@@ -46,11 +48,12 @@ def trainer_settings(c: Config, save_dir: str) -> TrainerSettings:
     teacher = (TeacherSettings(load=o.opd_teacher_load, step=o.opd_teacher_ckpt_step, offload=o.offload_teacher)
                if megatron else None)
     critic = (CriticSettings(source=model_source(m.critic_load or m.hf_checkpoint),
-                             optimizer=optimizer_settings(c, a.critic_lr or t.lr, total))
+                             optimizer=optimizer_settings(c, a.critic_lr or t.lr, total, actor=False))
               if a.advantage_estimator == "ppo" else None)
     return TrainerSettings(
         model=ModelSource(hf_path=m.hf_checkpoint), parallel=ParallelSettings(t.tensor_model_parallel_size),
-        optimizer=optimizer_settings(c, t.lr, total), precision=PrecisionSettings("bf16" if m.bf16 else "fp32"),
+        optimizer=optimizer_settings(c, t.lr, total, actor=True),
+        precision=PrecisionSettings("bf16" if m.bf16 else "fp32"),
         checkpoint=CheckpointSettings(load=c.checkpoint.load, save=save_dir, no_load_optim=c.checkpoint.no_load_optim),
         batching=BatchingSettings(t.max_tokens_per_gpu, t.fused_output_layer, t.fused_linear_chunk_tokens),
         reference=ref, teacher=teacher, opd=opd_settings(c.plan),

@@ -119,3 +119,22 @@ def test_low_var_kl_is_k3_clamped():
     k3 = (torch.exp(d) - 1 - d).clamp(-10, 10)
     assert float(m["ref_kl"]) == pytest.approx(float(k3.mean()))
     assert float(k3[0, 1]) == 10.0                        # exp(29) clamped
+
+
+def test_parameter_name_lists(paths, tmp_path):
+    """slime's --only-train-params-name-list / --freeze-params-name-list: lists of regexes, from the command line or
+    YAML (a single string is a list of one); a pattern that is not a regular expression is refused before anything
+    starts (one that matches no parameter is refused by the trainer, which knows the names)."""
+    base = _common(paths) + ["--use-opd", "--opd-type", "megatron", "--opd-teacher-load", paths["teacher"]]
+    c = validate(build_config(_parse(base + ["--freeze-params-name-list", "embedding", "output_layer",
+                                             "--only-train-params-name-list", r"decoder\.layers\.2[0-3]\."])),
+                 cuda_available=True)
+    assert c.train.freeze_params_name_list == ("embedding", "output_layer")
+    assert c.train.only_train_params_name_list == (r"decoder\.layers\.2[0-3]\.",)
+    yaml_file = tmp_path / "freeze.yaml"
+    yaml_file.write_text("freeze_params_name_list: embedding\n")
+    assert build_config(_parse(base + ["--config", str(yaml_file)])).train.freeze_params_name_list == ("embedding",)
+    with pytest.raises(ConfigError, match=r"--freeze-params-name-list 'layers\.\(' is not a regular expression"):
+        validate(build_config(_parse(base + ["--freeze-params-name-list", "layers.("])), cuda_available=True)
+    with pytest.raises(ConfigError, match="--freeze-params-name-list takes one or more strings"):
+        build_config({"freeze_params_name_list": [1]})

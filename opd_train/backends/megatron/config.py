@@ -78,6 +78,8 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0                      # max global grad norm; 0 disables clipping
     use_distributed_optimizer: bool = True      # shard optimizer state over data-parallel ranks
+    only_train: tuple[str, ...] | None = None   # regexes of the parameter names to train (None: all), then
+    freeze: tuple[str, ...] = ()                # regexes of those to freeze (slime's two name lists)
 
     def __post_init__(self):
         for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
@@ -90,6 +92,9 @@ class OptimizerSettings:
             _require(0.0 <= getattr(self, name) < 1.0, f"OptimizerSettings.{name} must be in [0, 1)")
         _require(isinstance(self.lr_warmup_steps, int) and self.lr_warmup_steps >= 0,
                  "OptimizerSettings.lr_warmup_steps must be an int >= 0")
+        names = lambda v: isinstance(v, tuple) and all(isinstance(x, str) for x in v)  # noqa: E731
+        _require((self.only_train is None or names(self.only_train)) and names(self.freeze),
+                 "OptimizerSettings.only_train (or None) and .freeze must be tuples of regex strings")
         _require(self.lr_decay_style in ("constant", "linear", "cosine"),
                  f"OptimizerSettings.lr_decay_style={self.lr_decay_style!r}: use constant, linear or cosine")
         _require(self.lr_decay_style == "constant" or self.lr_decay_steps is not None,

@@ -7,6 +7,7 @@ directory or a torch_dist checkpoint, checkpoint state dicts, HF export tensors,
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -40,6 +41,30 @@ def arch_of_dir(directory: str, step: int | None = None) -> tuple[ModelArch, str
                             f"{ckpt.list_iterations(directory) or 'none'}) nor a HF model dir (no config.json)")
 
 
+def freeze_parameters(module: torch.nn.Module, only_train: tuple[str, ...] | None, freeze: tuple[str, ...]) -> list[str]:
+    """slime's rule: with ``only_train`` a parameter trains only if its name matches one of those regexes
+    (``re.search``); then one that matches a ``freeze`` regex is frozen. Returns the frozen names (before DDP and
+    the optimizer, which then leave them out). A pattern that matches no name is an error, not a silent no-op: a
+    typo would otherwise train what the user meant to freeze."""
+    names = [n for n, _ in module.named_parameters()]
+    for flag, patterns in (("--only-train-params-name-list", only_train or ()), ("--freeze-params-name-list", freeze)):
+        for pattern in patterns:
+            if not any(re.search(pattern, n) for n in names):
+                kinds = sorted({re.sub(r"layers\.\d+\.", "layers.N.", n) for n in names})
+                raise ValueError(f"{flag} {pattern!r} matches no parameter of the model; its parameter names: "
+                                 f"{', '.join(kinds)}")
+    frozen = []
+    for n, p in module.named_parameters():
+        if (only_train is not None and not any(re.search(q, n) for q in only_train)
+                or any(re.search(q, n) for q in freeze)):
+            p.requires_grad_(False)
+            frozen.append(n)
+    if len(frozen) == len(names):
+        raise ValueError("--only-train-params-name-list / --freeze-params-name-list freeze every parameter: nothing "
+                         "is left to train")
+    return frozen
+
+
 class ModelEngine:
     """A GPT model on this rank. ``optimizer`` settings make it trainable (Megatron DDP + optimizer)."""
 
@@ -65,6 +90,11 @@ class ModelEngine:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=settings.use_distributed_optimizer)
+        self.frozen = freeze_parameters(self.module, settings.only_train, settings.freeze)
+        if self.frozen:                         # in the trainer's log: what the name lists left out of training
+            sizes = {n: p.numel() for n, p in self.module.named_parameters()}
+            print(f"[{self.name}] frozen on this rank: {sum(sizes[n] for n in self.frozen) / 1e6:.1f}M of "
+                  f"{sum(sizes.values()) / 1e6:.1f}M parameters ({', '.join(self.frozen)})", flush=True)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=self.module)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,

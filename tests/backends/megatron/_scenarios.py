@@ -148,6 +148,34 @@ def resume_a(spec: dict, out: str) -> dict:
             "iterations": ckpt.list_iterations(f"{out}/resume_ckpt")}
 
 
+def frozen(spec: dict, out: str) -> dict:
+    """--freeze-params-name-list embedding: two steps (saved), a resume from the save and a third step; then a
+    pattern that matches no parameter, and one that freezes everything."""
+    def settings(**checkpoint):
+        return TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]),
+                               checkpoint=CheckpointSettings(**checkpoint),
+                               optimizer=OptimizerSettings(lr=2e-3, freeze=("embedding",)))
+    trainer = MegatronTrainer(settings(save=f"{out}/frozen_ckpt"))
+    res = {"before": trainer.actor_hf_tensors(), "frozen": trainer.actor.frozen}
+    for step in (1, 2):
+        _step(trainer, step)
+    trainer.save_checkpoint(f"{out}/frozen_ckpt", 2)
+    res["after"] = trainer.actor_hf_tensors()
+    resumed = MegatronTrainer(settings(load=f"{out}/frozen_ckpt"))
+    res["resumed_step"] = resumed.step
+    _step(resumed, 3)
+    res["after_resume"] = resumed.actor_hf_tensors()
+    for key, optimizer in (("typo", OptimizerSettings(freeze=("embeding",))),
+                           ("everything", OptimizerSettings(only_train=("nothing_to_train|embedding",),
+                                                            freeze=("embedding",)))):
+        try:
+            MegatronTrainer(TrainerSettings(model=ModelSource(hf_path=spec["hf"]["qwen3"]), optimizer=optimizer))
+            res[key] = None
+        except ValueError as exc:
+            res[key] = str(exc)
+    return res
+
+
 def resume_b(spec: dict, out: str) -> dict:
     """A new process: --load resumes the latest (4); then resume iteration 2 explicitly and redo steps 3-4."""
     trainer = MegatronTrainer(_resume_settings(spec, load=f"{out}/resume_ckpt"))

@@ -52,7 +52,7 @@ def single_run(hf_models, mg_out):
     """One single-process launch: conversion, packing, TP1/DP1 reference, uninterrupted run, teacher, critic..."""
     run_worker(mg_out, {"hf": hf_models},
                ["convert", "packing", "parallel_ref", "resume_a", "teacher", "fused_forward", "kl_loss", "critic",
-                "fused_vs_materialised"])
+                "fused_vs_materialised", "frozen"])
     return mg_out
 
 

@@ -70,3 +70,19 @@ def test_resume_after_kill_equals_uninterrupted_step(after_kill, resume_run):
     # The next save publishes normally and clears the dead temp dir.
     assert after["iterations_after"] == [1, 2] and after["tracker"] == "2"
     assert after["stale_after"] == []
+
+
+def test_frozen_parameters_stay_through_training_and_resume(single_run):
+    """--freeze-params-name-list embedding (slime's flag): the embedding keeps its values through two steps, a
+    save, a resume and a third step, while every other tensor (the untied output layer included) moves; a pattern
+    that matches no parameter, or a list that freezes everything, is refused with the names to choose from."""
+    r = load_result(single_run, "frozen")
+    assert r["frozen"] == ["embedding.word_embeddings.weight"]
+    assert r["resumed_step"] == 2
+    for later in ("after", "after_resume"):
+        assert torch.equal(r[later]["model.embed_tokens.weight"], r["before"]["model.embed_tokens.weight"])
+    moved = [k for k in r["before"] if not torch.equal(r["after"][k], r["before"][k])]
+    assert set(moved) == set(r["before"]) - {"model.embed_tokens.weight"}
+    assert not torch.equal(r["after_resume"]["lm_head.weight"], r["after"]["lm_head.weight"])
+    assert "'embeding' matches no parameter" in r["typo"] and "decoder.layers.N." in r["typo"]
+    assert "nothing is left to train" in r["everything"]
