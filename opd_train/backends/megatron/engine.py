@@ -41,7 +41,8 @@ def arch_of_dir(directory: str, step: int | None = None) -> tuple[ModelArch, str
                             f"{ckpt.list_iterations(directory) or 'none'}) nor a HF model dir (no config.json)")
 
 
-def freeze_parameters(module: torch.nn.Module, only_train: tuple[str, ...] | None, freeze: tuple[str, ...]) -> list[str]:
+def freeze_parameters(module: torch.nn.Module, only_train: tuple[str, ...] | None,
+                      freeze: tuple[str, ...]) -> list[str]:
     """slime's rule: with ``only_train`` a parameter trains only if its name matches one of those regexes
     (``re.search``); then one that matches a ``freeze`` regex is frozen. Returns the frozen names (before DDP and
     the optimizer, which then leave them out). A pattern that matches no name is an error, not a silent no-op: a
