@@ -342,8 +342,9 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
     shape = tokens.shape
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     tok, adv_in, lp_t, m = flat(tokens), flat(advantages), flat(teacher_logprobs), flat(mask)
-    rows = _Rows(torch.ones_like(tok, dtype=torch.bool) if m is None else m != 0)  # masked rows keep A, KL 0
-    h, tok, adv, lp_t, m = (rows.take(t) for t in (hidden.reshape(-1, hidden.shape[-1]), tok, adv_in, lp_t, m))
+    # masked rows keep A and get KL 0 without being computed; the rows left are all masked in, so no mask below
+    rows = _Rows(torch.ones_like(tok, dtype=torch.bool) if m is None else m != 0)
+    h, tok, adv, lp_t = (rows.take(t) for t in (hidden.reshape(-1, hidden.shape[-1]), tok, adv_in, lp_t))
     t_hidden, ids, lq = rows.take(t_hidden), rows.take(ids), rows.take(lq)
     outs, teacher_lp = [], []
     teacher_rows = _Config(temperature, False, -100, chunk, process_group, None)   # log-probs of the teacher's chunk
@@ -356,7 +357,7 @@ def fused_linear_opd_advantages(hidden: torch.Tensor, weight: torch.Tensor, toke
             source = (dict(teacher_topk_ids=ids[c], teacher_topk_logprobs=lq[c]) if kind == "topk" else
                       dict(teacher_logprobs=lp_t[c]))
         outs.append(opd_advantages(h[c] @ weight.T, tok[c], adv[c], kl=kl, coef=coef, temperature=temperature,
-                                   mask=None if m is None else m[c], process_group=process_group, **source))
+                                   process_group=process_group, **source))
     lp_t = rows.put(_cat(teacher_lp, h)).view(shape) if kind == "exact" else teacher_logprobs
     a, k, lp = (_cat([o[i] for o in outs], h) for i in range(3))
     return FusedOPDAdvantages(rows.put(a, fill=adv_in).view(shape), rows.put(k).view(shape),
