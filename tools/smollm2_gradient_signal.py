@@ -61,18 +61,12 @@ def main() -> None:
         prompts = [p for p in prompts for _ in range(args.samples)]
         answers = smollm2_eval.generate(student, prompts, smollm2.RESPONSE_TOKENS, {tok.eos_token_id},
                                         tok.pad_token_id or 0, greedy=False, seed=b, batch=len(prompts))
-        seqs = [p + a for p, a in zip(prompts, answers)]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        targets = torch.full_like(ids, -100)
-        for i, (p, a) in enumerate(zip(prompts, answers)):
-            targets[i, len(p) - 1:len(p) - 1 + len(a)] = torch.tensor(a)
-        rows = targets != -100
-        with torch.no_grad():
-            lt = teacher(input_ids=ids, attention_mask=attention).logits.float()[rows].log_softmax(-1)
-        z = student(input_ids=ids, attention_mask=attention).logits.float()[rows]
-        ls, y = z.log_softmax(-1), targets[rows]
+        # one batch, scored at the rows that predict an answer token (the evaluation's own batching and teacher rows)
+        (ids, attention, scored), = smollm2_eval._chunks(prompts, answers, len(prompts))
+        (lt,) = smollm2_eval.response_logprobs(teacher, prompts, answers, batch=len(prompts))
+        hidden = student.get_decoder()(input_ids=ids, attention_mask=attention).last_hidden_state[scored]
+        z = student.get_output_embeddings()(hidden).float()
+        ls, y = z.log_softmax(-1), torch.tensor([t for a in answers for t in a])
         lp = ls.gather(-1, y[:, None])[:, 0]
         adv = -(lp - lt.gather(-1, y[:, None])[:, 0]).detach()
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -82,7 +76,7 @@ def main() -> None:
         for name, loss in losses.items():
             g = torch.autograd.grad(loss, params, retain_graph=True)
             grads[name].append(torch.cat([x.reshape(-1) for x in g]).to(torch.bfloat16))
-        print(f"batch {b + 1}/{args.batches}: {len(answers)} answers, {int(rows.sum())} answer tokens "
+        print(f"batch {b + 1}/{args.batches}: {len(answers)} answers, {len(y)} answer tokens "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     ref = torch.stack([g.float() for g in grads["exact"]]).mean(0)
 
