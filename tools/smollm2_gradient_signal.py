@@ -8,8 +8,8 @@ gradients w.r.t. every student parameter, all at token mean over the answer toke
   topk:  the gradient of the top-32 + tail KL (``opd_kernels.topk_kl``);
   exact: the gradient of the exact KL(p_S || p_T) over the 49152-entry vocabulary.
 The reference is the exact gradient averaged over all batches. Printed per parameter group (the tied embedding,
-attention, MLP, norms): the cosine with the reference, and the cosine of the signs, which is what Adam's
-per-coordinate normalised step follows (its first step is lr * sign(g)).
+attention, MLP, norms, and bands of 7 layers): the cosine with the reference, and the cosine of the signs, which
+is what Adam's per-coordinate normalised step follows (its first step is lr * sign(g)).
 
     .venv/bin/python tools/smollm2_gradient_signal.py [--batches 6] [--prompts 8] [--samples 2]
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import torch
@@ -25,12 +26,16 @@ import opd_kernels as ok
 from opd_train.toy import smollm2, smollm2_eval, smollm2_prompts
 
 
-def _groups(model) -> dict[str, list[slice]]:
+def _groups(model, band: int = 7) -> dict[str, list[slice]]:
+    """Parameter groups by kind (the tied embedding, attention, MLP, norms) and by bands of ``band`` layers."""
     out, offset = {}, 0
     for name, p in model.named_parameters():
         kind = ("embedding" if "embed" in name or "lm_head" in name else "norm" if "norm" in name else
                 "attention" if "attn" in name else "mlp")
-        out.setdefault(kind, []).append(slice(offset, offset + p.numel()))
+        layer = re.search(r"layers\.(\d+)\.", name)
+        for group in (kind, f"layers {int(layer[1]) // band * band}+" if layer else None):
+            if group:
+                out.setdefault(group, []).append(slice(offset, offset + p.numel()))
         offset += p.numel()
     return out
 

@@ -66,6 +66,43 @@ def freeze_parameters(module: torch.nn.Module, only_train: tuple[str, ...] | Non
     return frozen
 
 
+def _ranges(numbers) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    out, numbers = [], sorted(numbers)
+    for i, n in enumerate(numbers):
+        if i and n == numbers[i - 1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
+
+
+def describe_parameter_names(chosen: list[str], names: list[str]) -> str:
+    """``chosen`` (a subset of ``names``) in a few words for a log line: layers whose every tensor is chosen as
+    'decoder.layers.0-13', the other layer tensors as 'decoder.layers.14-26.mlp.linear_fc1.weight', other names as
+    they are. A 30-layer model's frozen list is ~200 names; the log needs its shape, not its enumeration."""
+    layered = re.compile(r"(.*layers\.)(\d+)\.(.*)")
+    per_layer: dict[tuple[str, int], set[str]] = {}
+    for n in names:
+        if m := layered.fullmatch(n):
+            per_layer.setdefault((m[1], int(m[2])), set()).add(m[3])
+    whole: dict[str, list[int]] = {}
+    parts: dict[tuple[str, str], list[int]] = {}
+    plain = []
+    chosen_set = set(chosen)
+    for (prefix, layer), suffixes in sorted(per_layer.items()):
+        picked = {s for s in suffixes if f"{prefix}{layer}.{s}" in chosen_set}
+        if picked == suffixes:
+            whole.setdefault(prefix, []).append(layer)
+        for s in picked if picked != suffixes else ():
+            parts.setdefault((prefix, s), []).append(layer)
+    for n in chosen:
+        if not layered.fullmatch(n):
+            plain.append(n)
+    return ", ".join(plain + [f"{prefix}{_ranges(layers)}" for prefix, layers in whole.items()]
+                     + [f"{prefix}{_ranges(layers)}.{s}" for (prefix, s), layers in sorted(parts.items())])
+
+
 class ModelEngine:
     """A GPT model on this rank. ``optimizer`` settings make it trainable (Megatron DDP + optimizer)."""
 
@@ -95,7 +132,8 @@ class ModelEngine:
         if self.frozen:                         # in the trainer's log: what the name lists left out of training
             sizes = {n: p.numel() for n, p in self.module.named_parameters()}
             print(f"[{self.name}] frozen on this rank: {sum(sizes[n] for n in self.frozen) / 1e6:.1f}M of "
-                  f"{sum(sizes.values()) / 1e6:.1f}M parameters ({', '.join(self.frozen)})", flush=True)
+                  f"{sum(sizes.values()) / 1e6:.1f}M parameters ({describe_parameter_names(self.frozen, list(sizes))})",
+                  flush=True)
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=self.module)
         opt_config = OptimizerConfig(
             optimizer="adam", lr=settings.lr, min_lr=settings.min_lr, weight_decay=settings.weight_decay,

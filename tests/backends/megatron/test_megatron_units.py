@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from opd_train.backends.megatron.arch import arch_from_hf_config, check_tensor_p
 from opd_train.backends.megatron.config import (CheckpointSettings, LossSettings, ModelSource, OptimizerSettings,
                                                 TeacherSettings, TrainerSettings)
 from opd_train.backends.megatron.convert import _qkv_from_mcore, _qkv_to_mcore
+from opd_train.backends.megatron.engine import describe_parameter_names
 from opd_train.backends.megatron.packing import IGNORE_INDEX, TrainBatch, pack_microbatches, plan_microbatches
 
 QWEN3 = {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -87,6 +89,19 @@ def test_qkv_interleave_is_per_kv_group_and_invertible():
 
 
 # ---- packing --------------------------------------------------------------------------------------------------
+def test_frozen_names_are_summarised_by_layer_ranges():
+    """The trainer's 'frozen on this rank' line: whole layers as ranges, partly frozen layers per tensor, other
+    names as they are; nothing chosen is dropped and nothing else is named."""
+    kinds = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+    names = (["embedding.word_embeddings.weight"] + [f"decoder.layers.{i}.{k}" for i in range(30) for k in kinds]
+             + ["decoder.final_layernorm.weight"])
+    chosen = [n for n in names if n.startswith("embedding") or re.match(r"decoder\.layers\.([0-9]|1[0-3]|20)\.", n)
+              or re.match(r"decoder\.layers\.(1[5-9]|2[2-4]|29)\.mlp", n)]
+    assert describe_parameter_names(chosen, names) == (
+        "embedding.word_embeddings.weight, decoder.layers.0-13,20, decoder.layers.15-19,22-24,29.mlp.linear_fc1.weight")
+    assert describe_parameter_names(names[:1], names) == "embedding.word_embeddings.weight"
+
+
 def test_first_fit_decreasing_respects_the_budget():
     lengths = [7, 3, 9, 2, 5, 12, 1]
     plan = plan_microbatches(lengths, 12)
