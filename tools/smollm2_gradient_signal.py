@@ -88,17 +88,20 @@ def main() -> None:
     def cos(a, b):
         a, b = a.float(), b.float()
         return float(a @ b / (a.norm() * b.norm()))
-    groups = {"all": [slice(0, ref.numel())], **_groups(student)}
+    # kinds first, then the bands of layers (a stable sort keeps each in model order)
+    groups = {"all": [slice(0, ref.numel())],
+              **dict(sorted(_groups(student).items(), key=lambda g: g[0].startswith("layers")))}
     print(f"\ncosine with the exact gradient averaged over {args.batches} batches (per batch, mean over batches); "
           "value / sign")
     print(f"{'group':<10} {'params':>8}  " + "  ".join(f"{k:>13}" for k in grads))
     for kind, slices in groups.items():
         r = torch.cat([ref[s] for s in slices])
+        r_sign = torch.sign(r)
         cells = []
         for name in grads:
             parts = [torch.cat([g[s] for s in slices]) for g in grads[name]]
             value = sum(cos(p, r) for p in parts) / len(parts)
-            sign = sum(cos(torch.sign(p.float()), torch.sign(r)) for p in parts) / len(parts)
+            sign = sum(cos(torch.sign(p.float()), r_sign) for p in parts) / len(parts)
             cells.append(f"{value:6.2f} / {sign:4.2f}")
         print(f"{kind:<10} {r.numel() / 1e6:7.1f}M  " + "  ".join(cells))
 

@@ -88,17 +88,15 @@ def describe_parameter_names(chosen: list[str], names: list[str]) -> str:
             per_layer.setdefault((m[1], int(m[2])), set()).add(m[3])
     whole: dict[str, list[int]] = {}
     parts: dict[tuple[str, str], list[int]] = {}
-    plain = []
     chosen_set = set(chosen)
     for (prefix, layer), suffixes in sorted(per_layer.items()):
         picked = {s for s in suffixes if f"{prefix}{layer}.{s}" in chosen_set}
         if picked == suffixes:
             whole.setdefault(prefix, []).append(layer)
-        for s in picked if picked != suffixes else ():
-            parts.setdefault((prefix, s), []).append(layer)
-    for n in chosen:
-        if not layered.fullmatch(n):
-            plain.append(n)
+        else:
+            for s in picked:
+                parts.setdefault((prefix, s), []).append(layer)
+    plain = [n for n in chosen if not layered.fullmatch(n)]
     return ", ".join(plain + [f"{prefix}{_ranges(layers)}" for prefix, layers in whole.items()]
                      + [f"{prefix}{_ranges(layers)}.{s}" for (prefix, s), layers in sorted(parts.items())])
 

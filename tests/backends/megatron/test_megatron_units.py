@@ -44,6 +44,19 @@ def test_settings_reject_bad_values_with_the_field_name(make, match):
         make()
 
 
+def test_frozen_names_are_summarised_by_layer_ranges():
+    """The trainer's 'frozen on this rank' line: whole layers as ranges, partly frozen layers per tensor, other
+    names as they are; nothing chosen is dropped and nothing else is named."""
+    kinds = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+    names = (["embedding.word_embeddings.weight"] + [f"decoder.layers.{i}.{k}" for i in range(30) for k in kinds]
+             + ["decoder.final_layernorm.weight"])
+    chosen = [n for n in names if n.startswith("embedding") or re.match(r"decoder\.layers\.([0-9]|1[0-3]|20)\.", n)
+              or re.match(r"decoder\.layers\.(1[5-9]|2[2-4]|29)\.mlp", n)]
+    assert describe_parameter_names(chosen, names) == (
+        "embedding.word_embeddings.weight, decoder.layers.0-13,20, decoder.layers.15-19,22-24,29.mlp.linear_fc1.weight")
+    assert describe_parameter_names(names[:1], names) == "embedding.word_embeddings.weight"
+
+
 # ---- architecture ---------------------------------------------------------------------------------------------
 def test_arch_reads_transformers_4_and_5_rope_layouts():
     v5 = arch_from_hf_config(QWEN3)
@@ -89,19 +102,6 @@ def test_qkv_interleave_is_per_kv_group_and_invertible():
 
 
 # ---- packing --------------------------------------------------------------------------------------------------
-def test_frozen_names_are_summarised_by_layer_ranges():
-    """The trainer's 'frozen on this rank' line: whole layers as ranges, partly frozen layers per tensor, other
-    names as they are; nothing chosen is dropped and nothing else is named."""
-    kinds = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
-    names = (["embedding.word_embeddings.weight"] + [f"decoder.layers.{i}.{k}" for i in range(30) for k in kinds]
-             + ["decoder.final_layernorm.weight"])
-    chosen = [n for n in names if n.startswith("embedding") or re.match(r"decoder\.layers\.([0-9]|1[0-3]|20)\.", n)
-              or re.match(r"decoder\.layers\.(1[5-9]|2[2-4]|29)\.mlp", n)]
-    assert describe_parameter_names(chosen, names) == (
-        "embedding.word_embeddings.weight, decoder.layers.0-13,20, decoder.layers.15-19,22-24,29.mlp.linear_fc1.weight")
-    assert describe_parameter_names(names[:1], names) == "embedding.word_embeddings.weight"
-
-
 def test_first_fit_decreasing_respects_the_budget():
     lengths = [7, 3, 9, 2, 5, 12, 1]
     plan = plan_microbatches(lengths, 12)
